@@ -1,0 +1,33 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint bench demo clean
+
+install: $(STAMP)
+
+# torch/torchvision are installed first on their own so that pip resolves them once;
+# a user with their own CUDA build keeps it (the ranges in pyproject are loose).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch torchvision
+	$(PY) -m pip install --quiet -e ".[dev,demo]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_divergence.py
+
+demo: $(STAMP)
+	$(PY) -m abkd_vision.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache
