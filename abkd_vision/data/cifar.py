@@ -1,0 +1,238 @@
+"""CIFAR-100 LightningDataModule (torchvision ``CIFAR100`` with the standard KD augmentation).
+
+On-disk layout (the official python version, as extracted from ``cifar-100-python.tar.gz``)::
+
+    <root>/cifar-100-python/train   # pickle: b"data" uint8 [50000, 3072] (CHW rows), b"fine_labels"
+    <root>/cifar-100-python/test    # pickle: b"data" uint8 [10000, 3072], b"fine_labels"
+    <root>/cifar-100-python/meta    # pickle: b"fine_label_names" (100 names, label i = line i)
+
+Splits: ``train`` = the 50,000 official training images; ``val`` **and** ``test`` = the 10,000 official test
+images. CIFAR knowledge-distillation papers (KD, CRD, DKD, ABKD, ...) train on the full training set and
+report top-1 accuracy on the test set, so there is no held-out validation split here; the "validation"
+numbers logged during training are test-set numbers, and must not be used for model selection if you
+want an unbiased estimate.
+
+Batches: images ``float32 [B, 3, image_size, image_size]`` normalised with CIFAR-100 stats, labels
+``int64 [B]`` in ``0..99``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import CIFAR100
+
+from abkd_vision.data.transforms import CIFAR100_MEAN, CIFAR100_STD, cifar_eval_transform, cifar_train_transform
+
+__all__ = ["CIFAR100_CLASSES", "CIFAR100DataModule"]
+
+log = logging.getLogger(__name__)
+
+CIFAR100_URL_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+# The 100 fine label names in label order (identical to b"fine_label_names" of the official ``meta``),
+# so that class_names is known before any file is read.
+CIFAR100_CLASSES: tuple[str, ...] = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle",
+    "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear",
+    "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon",
+    "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail",
+    "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
+    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm",
+)  # fmt: skip
+
+
+def _accelerator_available() -> bool:
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if acc is not None:
+        return bool(acc.is_available())
+    return torch.cuda.is_available()
+
+
+def make_dataloader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    drop_last: bool,
+    num_workers: int,
+    pin_memory: bool,
+) -> DataLoader:
+    """DataLoader with the suite's conventions (shared by all data modules).
+
+    Pinned memory is only requested when an accelerator exists (it is useless and warns on CPU-only
+    machines); workers are kept alive between epochs when ``num_workers > 0``.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin_memory and _accelerator_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+class CIFAR100DataModule(L.LightningDataModule):
+    """CIFAR-100 (torchvision ``CIFAR100``) for training and evaluating teachers and students.
+
+    Args:
+        root: directory that contains (or will receive) ``cifar-100-python/``.
+        download: download the archive (~161 MB) in ``prepare_data`` if it is not already there.
+            Off by default so that a run never touches the network unexpectedly.
+        batch_size: training batch size.
+        eval_batch_size: batch size of the val/test/predict loaders.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        pin_memory: pin host memory (only applied when an accelerator is available).
+        drop_last: drop the last incomplete training batch (the reference recipe does; keeps batch
+            statistics of BatchNorm and the per-batch KD loss scale uniform). Eval loaders never drop.
+        image_size: side of the square model input; 32 keeps the images untouched, other values resize
+            (e.g. 224 for ImageNet-pretrained teachers).
+        mean, std: normalisation statistics; ``None`` = CIFAR-100 training-set statistics.
+
+    Attributes:
+        num_classes: 100.
+        class_names: the 100 fine label names (label i = ``class_names[i]``); re-read from ``meta`` in setup.
+
+    Val and test both use the official test split (see the module docstring).
+    """
+
+    num_classes: int = 100
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        drop_last: bool = True,
+        image_size: int = 32,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size <= 0 or eval_batch_size <= 0:
+            raise ValueError(f"batch sizes must be positive, got {batch_size=} {eval_batch_size=}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.root = Path(root).expanduser().resolve()
+        self.data_dir = self.root / CIFAR100.base_folder
+        self.class_names: list[str] = list(CIFAR100_CLASSES)
+        mean = CIFAR100_MEAN if mean is None else mean
+        std = CIFAR100_STD if std is None else std
+        self.train_transform = cifar_train_transform(image_size, mean, std)
+        self.eval_transform = cifar_eval_transform(image_size, mean, std)
+        self.train_set: CIFAR100 | None = None
+        self.test_set: CIFAR100 | None = None
+
+    # ------------------------------------------------------------------ availability and errors
+
+    def _missing_files(self) -> list[str]:
+        names = [name for name, _ in CIFAR100.train_list + CIFAR100.test_list] + [CIFAR100.meta["filename"]]
+        return [name for name in names if not (self.data_dir / name).is_file()]
+
+    def _not_found_message(self, reason: str) -> str:
+        return (
+            f"CIFAR-100 not found: {reason}. Looked for the directory {self.data_dir} "
+            f"(files: train, test, meta). To get the data either\n"
+            f"  * run with `--data.download true` on a machine with network access "
+            f"(CIFAR100DataModule(download=True) downloads ~161 MB into {self.root}), or\n"
+            f"  * download the official cifar-100-python.tar.gz (python version) from {CIFAR100_URL_PAGE} "
+            f"and extract it under {self.root} (e.g. `tar -xzf cifar-100-python.tar.gz -C {self.root}`), "
+            f"so that {self.data_dir / 'train'} exists."
+        )
+
+    def check_available(self) -> None:
+        """Raise ``FileNotFoundError`` (with the path looked at and how to get the data) if files are missing."""
+        missing = self._missing_files()
+        if missing:
+            reason = (
+                "the directory does not exist"
+                if not self.data_dir.is_dir()
+                else f"missing file(s) {', '.join(missing)}"
+            )
+            if not self.hparams.download:
+                reason += " and download=False"
+            raise FileNotFoundError(self._not_found_message(reason))
+
+    def _load(self, train: bool) -> CIFAR100:
+        self.check_available()
+        transform = self.train_transform if train else self.eval_transform
+        try:
+            # torchvision verifies the md5 of train, test and meta on every load, not only when downloading.
+            return CIFAR100(str(self.root), train=train, transform=transform, download=False)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"CIFAR-100 files in {self.data_dir} exist but failed torchvision's md5 integrity check "
+                f"(corrupted, truncated, or not the official cifar-100-python files): {exc}. Delete "
+                f"{self.data_dir} and download again (`--data.download true`, or the official archive from "
+                f"{CIFAR100_URL_PAGE})."
+            ) from exc
+
+    # ------------------------------------------------------------------ LightningDataModule hooks
+
+    def prepare_data(self) -> None:
+        """Download the archive when ``download=True`` (runs on one process only)."""
+        if not self.hparams.download:
+            return
+        try:
+            CIFAR100(str(self.root), train=True, download=True)
+        except Exception as exc:  # no network, DNS failure, HTTP error, md5 mismatch of the archive, ...
+            raise FileNotFoundError(
+                self._not_found_message(f"download from {CIFAR100.url} failed ({type(exc).__name__}: {exc})")
+            ) from exc
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets needed for ``stage`` (fit/validate/test/predict; None = all)."""
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._load(train=True)
+            self.class_names = list(self.train_set.classes)
+        if self.test_set is None:
+            # val, test and predict all read the official test split, so one dataset object is shared.
+            self.test_set = self._load(train=False)
+            self.class_names = list(self.test_set.classes)
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{self.data_dir / 'meta'} lists {len(self.class_names)} fine label names, expected 100")
+
+    @property
+    def val_set(self) -> CIFAR100 | None:
+        """The validation dataset: the official test split (same object as ``test_set``)."""
+        return self.test_set
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before requesting a dataloader")
+        hp = self.hparams
+        return make_dataloader(
+            dataset,
+            batch_size=hp.batch_size if train else hp.eval_batch_size,
+            shuffle=train,
+            drop_last=hp.drop_last if train else False,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

@@ -1,0 +1,200 @@
+"""LightningDataModule for any image-classification dataset stored as class folders (torchvision ``ImageFolder``).
+
+Expected layout (``val`` is optional)::
+
+    <root>/train/<class_name>/<any name>.png   # also .jpg .jpeg .bmp .ppm .pgm .tif .tiff .webp
+    <root>/test/<class_name>/...
+    <root>/val/<class_name>/...                # optional
+
+Splits: train = ``train``; if ``val`` exists, val = ``val`` and test = ``test``, otherwise val and test both
+read ``test`` (the CIFAR convention, see :mod:`abkd_vision.data.cifar`). All splits must contain the same
+class folders; label ``i`` is the ``i``-th class folder name in sorted order (``ImageFolder`` convention),
+available as ``class_names`` right after ``__init__`` (only directory names are read, no image is opened).
+Hidden folders (name starting with ".") are ignored.
+
+Batches: images ``float32 [B, 3, image_size, image_size]`` (grayscale/palette/RGBA images are converted to
+RGB; every image is resized to ``image_size`` x ``image_size``), labels ``int64 [B]`` in ``0..num_classes-1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+from abkd_vision.data.cifar import make_dataloader
+from abkd_vision.data.transforms import CIFAR100_MEAN, CIFAR100_STD, cifar_eval_transform, cifar_train_transform
+
+__all__ = ["ImageFolderDataModule", "list_classes"]
+
+log = logging.getLogger(__name__)
+
+LAYOUT_HELP = (
+    "expected layout: <root>/train/<class_name>/<image files>, <root>/test/<class_name>/<image files> and "
+    "optionally <root>/val/<class_name>/<image files>, with the same class folders in every split and at "
+    f"least one image ({', '.join(IMG_EXTENSIONS)}) per class"
+)
+
+
+def list_classes(directory: str | os.PathLike) -> list[str]:
+    """Sorted names of the non-hidden sub-directories of ``directory`` (the ImageFolder class list)."""
+    with os.scandir(directory) as it:
+        return sorted(e.name for e in it if e.is_dir(follow_symlinks=True) and not e.name.startswith("."))
+
+
+def _has_image(directory: str | os.PathLike) -> bool:
+    """True as soon as one image file is found below ``directory`` (stops early: cheap on big datasets)."""
+    for _, _, filenames in os.walk(directory, followlinks=True):
+        if any(has_file_allowed_extension(name, IMG_EXTENSIONS) for name in filenames):
+            return True
+    return False
+
+
+class _ImageFolder(ImageFolder):
+    """ImageFolder whose class list skips hidden folders (e.g. ``.ipynb_checkpoints``), like ``list_classes``."""
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        classes = list_classes(directory)
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}; {LAYOUT_HELP}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Train/val/test loaders for a class-folder dataset, with CIFAR-style transforms by default.
+
+    Args:
+        root: dataset root containing ``train/`` and ``test/`` (and optionally ``val/``).
+        image_size: side of the square model input; every image is resized to it (no-op if already that size).
+        mean, std: normalisation statistics (3 values each); ``None`` = CIFAR-100 statistics.
+        batch_size: training batch size.
+        eval_batch_size: batch size of the val/test/predict loaders.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        pin_memory: pin host memory (only applied when an accelerator is available).
+        drop_last: drop the last incomplete training batch (eval loaders never drop).
+        train_transform, eval_transform: optional replacements for the default CIFAR-style transforms
+            (PIL image -> tensor); when given, ``image_size``/``mean``/``std`` are not used for that split.
+
+    Raises:
+        FileNotFoundError: ``root`` or its ``train``/``test`` folder is missing, a split has no class
+            folder, or a class folder holds no image.
+        ValueError: the splits do not have the same class folders.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 32,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        drop_last: bool = True,
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        # Transform objects are not plain hyper-parameters (not serialisable to hparams.yaml).
+        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
+        if batch_size <= 0 or eval_batch_size <= 0:
+            raise ValueError(f"batch sizes must be positive, got {batch_size=} {eval_batch_size=}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.root = Path(root).expanduser().resolve()
+        self.split_dirs = self._check_layout()
+        self.class_names: list[str] = list_classes(self.split_dirs["train"])
+        mean = CIFAR100_MEAN if mean is None else mean
+        std = CIFAR100_STD if std is None else std
+        self.train_transform = train_transform or cifar_train_transform(image_size, mean, std)
+        self.eval_transform = eval_transform or cifar_eval_transform(image_size, mean, std)
+        self.train_set: ImageFolder | None = None
+        self.val_set: ImageFolder | None = None
+        self.test_set: ImageFolder | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _check_layout(self) -> dict[str, Path]:
+        """Validate the folder tree (directory listings only) and return {"train", "val", "test"} -> dir."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"dataset root {self.root} does not exist or is not a directory; {LAYOUT_HELP}")
+        dirs = {"train": self.root / "train", "test": self.root / "test"}
+        for split, path in dirs.items():
+            if not path.is_dir():
+                raise FileNotFoundError(f"missing {split} folder {path}; {LAYOUT_HELP}")
+        val_dir = self.root / "val"
+        dirs["val"] = val_dir if val_dir.is_dir() else dirs["test"]
+
+        reference = list_classes(dirs["train"])
+        for split in ("train", "test", "val"):
+            path = dirs[split]
+            classes = list_classes(path)
+            if not classes:
+                raise FileNotFoundError(f"no class folder in {path}; {LAYOUT_HELP}")
+            if classes != reference:
+                only_train = sorted(set(reference) - set(classes))
+                only_here = sorted(set(classes) - set(reference))
+                raise ValueError(
+                    f"class folders of {path} differ from those of {dirs['train']} "
+                    f"(only in train: {only_train[:10]}, only in {split}: {only_here[:10]}); {LAYOUT_HELP}"
+                )
+            empty = [name for name in classes if not _has_image(path / name)]
+            if empty:
+                raise FileNotFoundError(
+                    f"class folder(s) without any image in {path}: {empty[:10]}"
+                    f"{' ...' if len(empty) > 10 else ''}; {LAYOUT_HELP}"
+                )
+        return dirs
+
+    def setup(self, stage: str | None = None) -> None:
+        """Index the image files of the splits needed for ``stage`` (fit/validate/test/predict; None = all)."""
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = _ImageFolder(str(self.split_dirs["train"]), transform=self.train_transform)
+            n, bs = len(self.train_set), self.hparams.batch_size
+            if self.hparams.drop_last and n < bs:
+                log.warning("train split has %d images < batch_size=%d with drop_last: no training batch", n, bs)
+        if self.test_set is None:
+            self.test_set = _ImageFolder(str(self.split_dirs["test"]), transform=self.eval_transform)
+        if self.val_set is None:
+            same = self.split_dirs["val"] == self.split_dirs["test"]
+            self.val_set = (
+                self.test_set if same else _ImageFolder(str(self.split_dirs["val"]), transform=self.eval_transform)
+            )
+        for ds in (self.train_set, self.val_set, self.test_set):
+            # The folders could have changed between __init__ and setup; labels must keep their meaning.
+            if ds is not None and ds.classes != self.class_names:
+                raise ValueError(f"class folders of {ds.root} changed since __init__; {LAYOUT_HELP}")
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before requesting a dataloader")
+        hp = self.hparams
+        return make_dataloader(
+            dataset,
+            batch_size=hp.batch_size if train else hp.eval_batch_size,
+            shuffle=train,
+            drop_last=hp.drop_last if train else False,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
