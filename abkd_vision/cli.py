@@ -1,0 +1,69 @@
+"""The LightningCLI of the suite: ``python run.py {fit,validate,test} --config ...``.
+
+Models, data and heads are chosen by ``class_path`` in YAML configs (several ``--config`` files merge in
+order). ``data.num_classes`` is linked into the model, the seed defaults to 0, and every run directory
+gets ``config.yaml`` (the fully resolved config) and ``versions.json`` (library versions).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+# Imported so that configs can name classes by their short names and the models are registered.
+import abkd_vision.data  # noqa: F401
+import abkd_vision.heads  # noqa: F401
+import abkd_vision.losses  # noqa: F401
+import abkd_vision.models  # noqa: F401
+
+_PACKAGES = ("abkd-vision", "torch", "torchvision", "lightning", "timm", "torchmetrics", "open_clip_torch",
+             "jsonargparse", "omegaconf", "numpy")
+
+
+def library_versions() -> dict:
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class RecordVersions(Callback):
+    """Write ``versions.json`` next to the run's ``config.yaml``."""
+
+    @rank_zero_only
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.log_dir is None:
+            return
+        path = Path(trainer.log_dir) / "versions.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(library_versions(), indent=2) + "\n")
+
+
+class DistillationCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+
+def main(args: list[str] | None = None, run: bool = True) -> DistillationCLI:
+    return DistillationCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        trainer_defaults={"callbacks": [RecordVersions()]},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=args,
+        run=run,
+    )

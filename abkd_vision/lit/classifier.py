@@ -1,0 +1,194 @@
+"""ClassifierModule: train one network with cross-entropy (teachers and from-scratch baselines).
+
+It also holds what every image-classification task here shares: the CIFAR SGD recipe, top-1/top-5
+accuracy (micro average, as the KD literature reports), best- and last-epoch tracking, a guard
+against non-finite losses, and a ``results.json`` summary in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from abkd_vision.models import create_model
+
+log = logging.getLogger(__name__)
+
+# The reference CIFAR recipe (CRD/RepDistiller, mdistiller) uses lr 0.01 for these light networks.
+_LOW_LR_FAMILIES = ("mobilenet", "shuffle")
+
+
+def default_lr(model_name: str) -> float:
+    """0.05, or 0.01 for MobileNet/ShuffleNet, as in the reference CIFAR-100 recipe."""
+    return 0.01 if any(f in model_name.lower() for f in _LOW_LR_FAMILIES) else 0.05
+
+
+def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Top-1 (and top-5 when there are at least 5 classes) accuracy in percent-free [0, 1], micro average."""
+    metrics = {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes >= 5:
+        metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+def mean_entropy(logits: Tensor) -> Tensor:
+    """Mean Shannon entropy (nats) of softmax(logits) over the batch: [B, C] -> scalar."""
+    log_q = logits.float().log_softmax(dim=-1)
+    return -(log_q.exp() * log_q).sum(dim=-1).mean()
+
+
+class ImageClassificationTask(LightningModule):
+    """What the image-classification modules share; subclasses build the network(s).
+
+    Subclasses call ``save_hyperparameters()`` (which must include lr, momentum, weight_decay, nesterov,
+    lr_milestones, lr_decay, label_smoothing), create their network under ``network_attr`` and then call
+    ``init_task``.
+    """
+
+    network_attr = "model"  # attribute holding the trained network (its checkpoint key prefix)
+
+    def init_task(self, network_name: str, num_classes: int, lr: float | None) -> None:
+        self.num_classes = num_classes
+        self.lr = float(lr) if lr is not None else default_lr(network_name)
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive number, got {lr}")
+        self.val_metrics = accuracy_metrics(num_classes, "val/")
+        self.test_metrics = accuracy_metrics(num_classes, "test/")
+        self.val_acc1_best = MaxMetric()
+        self._best_epoch = -1
+        self._last_val: dict[str, float] = {}
+
+    @property
+    def network(self) -> nn.Module:
+        """The network being trained (``model`` here, ``student`` in ``DistillationModule``)."""
+        return getattr(self, self.network_attr)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.network(images)
+
+    def check_finite(self, loss: Tensor, **terms: Tensor) -> None:
+        """Stop with a clear error if the loss is NaN/inf, naming the step and the offending terms."""
+        if torch.isfinite(loss).all():
+            return
+        bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+        values = ", ".join(f"{name}={float(value):.6g}" for name, value in terms.items())
+        raise FloatingPointError(
+            f"non-finite loss at global step {self.global_step} (epoch {self.current_epoch}): {values}; "
+            f"non-finite term(s): {', '.join(bad) or 'the weighted sum'}. Lower the learning rate or the loss "
+            "weights, or check alpha/beta (negative alpha or beta diverges where a probability underflows)."
+        )
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, target = batch
+        self.val_metrics.update(self.network(images), target)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log_dict(values, prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        acc1 = values["val/acc1"]
+        if acc1 > self.val_acc1_best.compute() or self._best_epoch < 0:
+            self._best_epoch = self.current_epoch
+        self.val_acc1_best.update(acc1)
+        self.log("val/acc1_best", self.val_acc1_best.compute(), prog_bar=True)
+        self._last_val = {k: float(v) for k, v in values.items()}
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        images, target = batch
+        self.test_metrics.update(self.network(images), target)
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_metrics.compute()
+        self.test_metrics.reset()
+        self.log_dict(values)
+
+    # -- optimisation ------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]  # a frozen teacher is never optimised
+        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.hparams.momentum,
+                                    weight_decay=self.hparams.weight_decay, nesterov=self.hparams.nesterov)
+        milestones = self.hparams.lr_milestones if self.hparams.lr_milestones is not None else [150, 180, 210]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones),
+                                                         gamma=self.hparams.lr_decay)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # -- checks and summaries ----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.check_data_classes()
+
+    def check_data_classes(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"the data has {data_classes} classes but the model was built for {self.num_classes}; "
+                "set model.init_args.num_classes to match (the CLI links it to data.num_classes)"
+            )
+
+    def summary(self) -> dict:
+        """What a results table needs: best/last validation accuracy and the epoch of the best."""
+        best = self.val_acc1_best.compute()
+        return {
+            "val_acc1_best": float(best) if self._best_epoch >= 0 else None,
+            "best_epoch": self._best_epoch if self._best_epoch >= 0 else None,
+            "val_acc1_last": self._last_val.get("val/acc1"),
+            "val_acc5_last": self._last_val.get("val/acc5"),
+            "epochs": self.current_epoch + 1,
+        }
+
+    def on_fit_end(self) -> None:
+        self._write_results()
+
+    @rank_zero_only
+    def _write_results(self) -> None:
+        log_dir = self.trainer.log_dir
+        if log_dir is None:
+            return
+        path = Path(log_dir) / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        log.info("results written to %s: %s", path, self.summary())
+
+
+class ClassifierModule(ImageClassificationTask):
+    """Cross-entropy training of one network created by name (``abkd_vision.models.create_model``).
+
+    Args:
+        model: registered or published model name, e.g. ``cifar_resnet32x4`` or ``resnet32x4``.
+        num_classes: output classes; the CLI links it to ``data.num_classes``.
+        model_kwargs: extra keyword arguments for the model constructor.
+        lr: initial SGD learning rate; None picks 0.05 (0.01 for MobileNet/ShuffleNet).
+        momentum, weight_decay, nesterov: SGD settings (reference: 0.9, 5e-4, False).
+        lr_milestones: epochs at which the lr is multiplied by ``lr_decay`` (reference: 150, 180, 210; 0.1).
+        label_smoothing: for the cross-entropy term.
+    """
+
+    network_attr = "model"
+
+    def __init__(self, model: str = "cifar_resnet32x4", num_classes: int = 100, model_kwargs: dict | None = None,
+                 lr: float | None = None, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False,
+                 lr_milestones: list[int] | None = None, lr_decay: float = 0.1, label_smoothing: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
+        self.init_task(model, num_classes, lr)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, target = batch
+        logits = self.model(images)
+        ce = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
+        self.check_finite(ce, ce=ce)
+        self.log_dict({"train/loss": ce, "train/ce": ce}, on_step=True, on_epoch=True, prog_bar=True)
+        return ce

@@ -1,0 +1,166 @@
+"""DistillationModule: a student trained with CE plus a KD head against a frozen teacher.
+
+One training step::
+
+    teacher_logits = teacher(images)                  # FrozenTeacher: eval mode, no grad
+    student_logits = student(images)
+    loss = ce_weight * CE(student_logits, y) + kd_weight * warmup(epoch) * head(student_logits, teacher_logits, y)
+
+The method is the injected ``head`` (KD, DKD, LSD, TTM) and its ``divergence``; ABKD and friends are
+configurations, not subclasses.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from abkd_vision.heads import KD, DistillationHead
+from abkd_vision.lit.classifier import ImageClassificationTask, mean_entropy
+from abkd_vision.models import create_model, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class FrozenTeacher(nn.Module):
+    """Wraps the teacher so that it is in eval mode at every moment and never receives gradients.
+
+    ``train(True)`` is ignored, so BatchNorm statistics never change; ``forward`` runs under no_grad.
+    This is the seam where cached teacher logits can later stand in for a live network.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+
+class DistillationModule(ImageClassificationTask):
+    """Distill ``teacher`` into ``student`` with a KD head.
+
+    Args:
+        student, teacher: model names (registered ``cifar_*`` or published, e.g. ``resnet8x4``).
+        teacher_ckpt: teacher weights (published ``ckpt_epoch_240.pth``, a state dict, or a Lightning
+            checkpoint of ``ClassifierModule``); loaded strictly. Required for ``fit``.
+        trusted_teacher_ckpt: allow full unpickling of ``teacher_ckpt`` (files from a trusted source only).
+        num_classes: output classes of both networks; the CLI links it to ``data.num_classes``.
+        head: the KD head (KD with forward KL at T=4 when None).
+        ce_weight, kd_weight: weights of the two loss terms.
+        kd_warmup_epochs: the KD term is scaled by min((epoch + 1) / kd_warmup_epochs, 1) (DKD uses 20; 0 = off).
+        evaluate_teacher: measure the teacher's validation accuracy once when fitting starts (published
+            teachers have been found weaker than claimed).
+        Other args: as in ``ClassifierModule`` (SGD recipe; lr None -> 0.05, 0.01 for MobileNet/ShuffleNet
+        students).
+    """
+
+    network_attr = "student"
+
+    def __init__(self, student: str = "cifar_resnet8x4", teacher: str = "cifar_resnet32x4",
+                 teacher_ckpt: str | None = None, trusted_teacher_ckpt: bool = False, num_classes: int = 100,
+                 head: DistillationHead | None = None, ce_weight: float = 1.0, kd_weight: float = 1.0,
+                 kd_warmup_epochs: int = 0, evaluate_teacher: bool = True, student_kwargs: dict | None = None,
+                 lr: float | None = None, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 nesterov: bool = False, lr_milestones: list[int] | None = None, lr_decay: float = 0.1,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["head"])
+        self.student = create_model(student, num_classes=num_classes, **(student_kwargs or {}))
+        teacher_net = create_model(teacher, num_classes=num_classes)
+        self.teacher_metadata: dict = {}
+        if teacher_ckpt is not None:
+            self.teacher_metadata = load_checkpoint(teacher_net, teacher_ckpt, trusted=trusted_teacher_ckpt)
+        self.teacher = FrozenTeacher(teacher_net)
+        self.head = head if head is not None else KD()
+        if kd_warmup_epochs < 0:
+            raise ValueError(f"kd_warmup_epochs must be >= 0, got {kd_warmup_epochs}")
+        self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
+        self.init_task(student, num_classes, lr)
+        self.teacher_val_acc1: float | None = None
+        # Teacher weights are not saved with the student (see on_save_checkpoint); loading a checkpoint
+        # therefore cannot be strict, and on_load_checkpoint checks the remaining keys itself.
+        self.strict_loading = False
+
+    # -- training ----------------------------------------------------------------------------------------
+    def kd_scale(self) -> float:
+        warmup = self.hparams.kd_warmup_epochs
+        return min((self.current_epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, target = batch
+        teacher_logits = self.teacher(images)
+        student_logits = self.student(images)
+        ce = F.cross_entropy(student_logits, target, label_smoothing=self.hparams.label_smoothing)
+        kd = self.head(student_logits, teacher_logits, target)
+        scale = self.kd_scale()
+        loss = self.ce_weight * ce + self.kd_weight * scale * kd
+        self.check_finite(loss, ce=ce, kd=kd)
+        self.log_dict({"train/loss": loss, "train/ce": ce, "train/kd": kd}, on_step=True, on_epoch=True,
+                      prog_bar=True)
+        self.log_dict({"train/kd_scale": scale, "train/student_entropy": mean_entropy(student_logits.detach())},
+                      on_step=False, on_epoch=True)
+        return loss
+
+    # -- teacher checks ----------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.check_data_classes()
+        if self.hparams.teacher_ckpt is None:
+            raise ValueError(
+                "DistillationModule needs teacher weights to fit: set model.init_args.teacher_ckpt to a teacher "
+                "checkpoint (see checkpoints/README.md, or train one with configs/cifar100/teachers/)"
+            )
+        if self.hparams.evaluate_teacher:
+            self.teacher_val_acc1 = self.evaluate_teacher()
+
+    @torch.no_grad()
+    def evaluate_teacher(self) -> float | None:
+        """Top-1 accuracy of the teacher on the validation data, logged once before training."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return None
+        limit = self.trainer.limit_val_batches
+        max_batches = limit if isinstance(limit, int) else None
+        correct = total = 0
+        for i, (images, target) in enumerate(datamodule.val_dataloader()):
+            if max_batches is not None and i >= max_batches:
+                break
+            images, target = images.to(self.device), target.to(self.device)
+            correct += (self.teacher(images).argmax(dim=-1) == target).sum().item()
+            total += target.numel()
+        if total == 0:
+            return None
+        acc = correct / total
+        claimed = self.teacher_metadata.get("accuracy") or self.teacher_metadata.get("best_acc")
+        log.info("teacher %s: validation top-1 %.2f%% on %d images%s", self.hparams.teacher, 100 * acc, total,
+                 f" (checkpoint claims {float(claimed):.2f}%)" if claimed is not None else "")
+        if self.logger is not None:
+            self.logger.log_metrics({"teacher/val_acc1": acc}, step=0)
+        return acc
+
+    def summary(self) -> dict:
+        return {**super().summary(), "teacher_val_acc1": self.teacher_val_acc1}
+
+    # -- checkpoints without the teacher -----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = {k for k in self.state_dict() if not k.startswith("teacher.")}
+        found = {k for k in checkpoint.get("state_dict", {}) if not k.startswith("teacher.")}
+        missing, unexpected = sorted(expected - found), sorted(found - expected)
+        if missing or unexpected:
+            raise RuntimeError(
+                "checkpoint does not fit this DistillationModule: "
+                f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
+                f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+            )
