@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
@@ -66,6 +66,19 @@ class _ImageFolder(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
+def _first_per_class(dataset: ImageFolder, per_class: int) -> Subset:
+    """The first ``per_class`` samples of every class (ImageFolder lists files in sorted order)."""
+    if per_class <= 0:
+        raise ValueError(f"train_per_class must be a positive number of images, got {per_class}")
+    taken: dict[int, int] = {}
+    indices = []
+    for i, label in enumerate(dataset.targets):
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            indices.append(i)
+    return Subset(dataset, indices)
+
+
 class ImageFolderDataModule(L.LightningDataModule):
     """Train/val/test loaders for a class-folder dataset, with CIFAR-style transforms by default.
 
@@ -80,6 +93,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         drop_last: drop the last incomplete training batch (eval loaders never drop).
         train_transform, eval_transform: optional replacements for the default CIFAR-style transforms
             (PIL image -> tensor); when given, ``image_size``/``mean``/``std`` are not used for that split.
+        padding, hflip: random-crop padding and horizontal flipping of the default training transform.
+        train_per_class: train on only the first N images (sorted file order) of each class: a fixed,
+            class-balanced subset for data-limited experiments. None = all images.
 
     Raises:
         FileNotFoundError: ``root`` or its ``train``/``test`` folder is missing, a split has no class
@@ -100,6 +116,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         drop_last: bool = True,
         train_transform: Callable | None = None,
         eval_transform: Callable | None = None,
+        padding: int = 4,
+        hflip: bool = True,
+        train_per_class: int | None = None,
     ) -> None:
         super().__init__()
         # Transform objects are not plain hyper-parameters (not serialisable to hparams.yaml).
@@ -113,7 +132,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.class_names: list[str] = list_classes(self.split_dirs["train"])
         mean = CIFAR100_MEAN if mean is None else mean
         std = CIFAR100_STD if std is None else std
-        self.train_transform = train_transform or cifar_train_transform(image_size, mean, std)
+        self.train_transform = train_transform or cifar_train_transform(image_size, mean, std, padding, hflip)
         self.eval_transform = eval_transform or cifar_eval_transform(image_size, mean, std)
         self.train_set: ImageFolder | None = None
         self.val_set: ImageFolder | None = None
@@ -159,6 +178,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Index the image files of the splits needed for ``stage`` (fit/validate/test/predict; None = all)."""
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = _ImageFolder(str(self.split_dirs["train"]), transform=self.train_transform)
+            if self.hparams.train_per_class is not None:
+                self.train_set = _first_per_class(self.train_set, self.hparams.train_per_class)
             n, bs = len(self.train_set), self.hparams.batch_size
             if self.hparams.drop_last and n < bs:
                 log.warning("train split has %d images < batch_size=%d with drop_last: no training batch", n, bs)
@@ -170,6 +191,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 self.test_set if same else _ImageFolder(str(self.split_dirs["val"]), transform=self.eval_transform)
             )
         for ds in (self.train_set, self.val_set, self.test_set):
+            ds = ds.dataset if isinstance(ds, Subset) else ds
             # The folders could have changed between __init__ and setup; labels must keep their meaning.
             if ds is not None and ds.classes != self.class_names:
                 raise ValueError(f"class folders of {ds.root} changed since __init__; {LAYOUT_HELP}")

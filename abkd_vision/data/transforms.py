@@ -57,11 +57,13 @@ def cifar_train_transform(
     mean: Sequence[float] = CIFAR100_MEAN,
     std: Sequence[float] = CIFAR100_STD,
     padding: int = 4,
+    hflip: bool = True,
 ) -> T.Compose:
     """Training augmentation of the standard CIFAR KD recipe.
 
     ToRGB -> Resize((image_size, image_size)) (identity when the image already has that size)
-    -> RandomCrop(image_size, padding=padding) -> RandomHorizontalFlip -> ToTensor -> Normalize(mean, std).
+    -> RandomCrop(image_size, padding=padding) -> RandomHorizontalFlip (if ``hflip``) -> ToTensor
+    -> Normalize(mean, std). ``hflip=False`` suits data where mirroring changes the class (digits, text).
 
     Returns a callable: PIL image -> float tensor ``[3, image_size, image_size]``.
     """
@@ -73,7 +75,7 @@ def cifar_train_transform(
             ToRGB(),
             T.Resize((image_size, image_size), antialias=True),
             T.RandomCrop(image_size, padding=padding),
-            T.RandomHorizontalFlip(),
+            *([T.RandomHorizontalFlip()] if hflip else []),
             T.ToTensor(),
             T.Normalize(mean_t, std_t),
         ]

@@ -8,21 +8,18 @@ against non-finite losses, and a ``results.json`` summary in the run directory.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from abkd_vision.models import create_model
-
-log = logging.getLogger(__name__)
 
 # The reference CIFAR recipe (CRD/RepDistiller, mdistiller) uses lr 0.01 for these light networks.
 _LOW_LR_FAMILIES = ("mobilenet", "shuffle")
@@ -145,7 +142,7 @@ class ImageClassificationTask(LightningModule):
             "best_epoch": self._best_epoch if self._best_epoch >= 0 else None,
             "val_acc1_last": self._last_val.get("val/acc1"),
             "val_acc5_last": self._last_val.get("val/acc5"),
-            "epochs": self.current_epoch + 1,
+            "epochs": self.trainer.current_epoch if self._trainer is not None else None,
         }
 
     def on_fit_end(self) -> None:
@@ -159,7 +156,7 @@ class ImageClassificationTask(LightningModule):
         path = Path(log_dir) / "results.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.summary(), indent=2) + "\n")
-        log.info("results written to %s: %s", path, self.summary())
+        rank_zero_info(f"results written to {path}: {self.summary()}")
 
 
 class ClassifierModule(ImageClassificationTask):

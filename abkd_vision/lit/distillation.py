@@ -12,17 +12,14 @@ configurations, not subclasses.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from abkd_vision.heads import KD, DistillationHead
 from abkd_vision.lit.classifier import ImageClassificationTask, mean_entropy
 from abkd_vision.models import create_model, load_checkpoint
-
-log = logging.getLogger(__name__)
 
 
 class FrozenTeacher(nn.Module):
@@ -139,8 +136,8 @@ class DistillationModule(ImageClassificationTask):
             return None
         acc = correct / total
         claimed = self.teacher_metadata.get("accuracy") or self.teacher_metadata.get("best_acc")
-        log.info("teacher %s: validation top-1 %.2f%% on %d images%s", self.hparams.teacher, 100 * acc, total,
-                 f" (checkpoint claims {float(claimed):.2f}%)" if claimed is not None else "")
+        claim = f" (its checkpoint claims {float(claimed):.2f}%)" if claimed is not None else ""
+        rank_zero_info(f"teacher {self.hparams.teacher}: validation top-1 {100 * acc:.2f}% on {total} images{claim}")
         if self.logger is not None:
             self.logger.log_metrics({"teacher/val_acc1": acc}, step=0)
         return acc
