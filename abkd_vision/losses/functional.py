@@ -63,6 +63,9 @@ _DIRECT = 0.1
 # On the fast path, inputs holding -inf (masked classes) are clamped here when needed: such classes
 # then give e^(s * -1e30) = 0 in every term, i.e. exactly 0, with no NaN.
 _NEG_LARGE = -1e30
+# |alpha|, |beta| (and the divided-difference steps) below this are taken as exactly 0: the divergence
+# moves by ~1e-30 relative there, while dividing by such (possibly subnormal) numbers would not be exact.
+_SNAP = 1e-30
 # Series used where |lambda_max * delta| < _SERIES_RADIUS; 24 terms reach float64 round-off there.
 _SERIES_RADIUS = 1.0
 _SERIES_TERMS = 24
@@ -127,7 +130,7 @@ def _diff_exp(x: Tensor, y: Tensor, lam: float, t: Tensor) -> Tensor:
     At lam = 0 this is the limit e^y * t. The branch with the larger exponent is factored out;
     both branches are clamped so that the one ``where`` discards stays finite (keeps grads clean).
     """
-    if lam == 0.0:
+    if abs(lam) < _SNAP:
         return torch.exp(y) * t
     u = lam * t  # = x - y
     below = torch.exp(y) * torch.expm1(u.clamp(max=0.0))  # u <= 0: factor out e^y
@@ -188,6 +191,8 @@ def alpha_beta_divergence(teacher_log_probs: Tensor, student_log_probs: Tensor,
     """
     alpha = check_finite_number("alpha", alpha)
     beta = check_finite_number("beta", beta)
+    alpha = 0.0 if abs(alpha) < _SNAP else alpha
+    beta = 0.0 if abs(beta) < _SNAP else beta
     a, b = check_log_probs(teacher_log_probs, student_log_probs)
     s = alpha + beta
     if s > 0 and min(abs(alpha), abs(beta), s) >= _DIRECT:
@@ -203,7 +208,7 @@ def alpha_beta_divergence(teacher_log_probs: Tensor, student_log_probs: Tensor,
     m = alpha * a + beta * b
     largest = max(abs(s), abs(beta), abs(alpha))
 
-    if largest == 0.0:  # alpha = beta = 0: 1/2 (log p - log q)^2
+    if largest < _SNAP:  # alpha = beta = 0: 1/2 (log p - log q)^2
         per_class = 0.5 * delta * delta
     else:
         if abs(s) == largest:
