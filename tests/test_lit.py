@@ -185,7 +185,8 @@ def test_short_run_on_real_cifar10_learns(tmp_path):
     export_npz_cifar(SHARED_CIFAR10 / "train.npz", root, "train", limit=3000)
     export_npz_cifar(SHARED_CIFAR10 / "test.npz", root, "test", limit=1000)
     cfg = {
-        "trainer": {"accelerator": "cpu", "max_epochs": 4, "logger": False, "enable_checkpointing": False},
+        "trainer": {"accelerator": "cpu", "max_epochs": 4, "logger": False, "enable_checkpointing": False,
+                    "default_root_dir": str(tmp_path)},  # where config.yaml goes without a logger
         "model": {"class_path": "abkd_vision.lit.ClassifierModule",
                   "init_args": {"model": "resnet8", "lr": 0.1, "lr_milestones": [3]}},
         "data": {"class_path": "abkd_vision.data.ImageFolderDataModule",

@@ -4,7 +4,8 @@ that export array datasets (scikit-learn digits, CIFAR npz files) as ImageFolder
 Every module yields batches ``(images float32 [B, 3, S, S], labels int64 [B])`` with ``S = image_size``.
 """
 
-from abkd_vision.data.cifar import CIFAR100_CLASSES, CIFAR100DataModule, make_dataloader
+from abkd_vision.data.base import ClassificationDataModule, make_dataloader
+from abkd_vision.data.cifar import CIFAR100_CLASSES, CIFAR100DataModule
 from abkd_vision.data.export import (
     balanced_subset,
     digits_split,
@@ -23,6 +24,7 @@ from abkd_vision.data.transforms import (
 )
 
 __all__ = [
+    "ClassificationDataModule",
     "CIFAR100_CLASSES",
     "CIFAR100_MEAN",
     "CIFAR100_STD",

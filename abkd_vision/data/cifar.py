@@ -21,11 +21,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR100
 
+from abkd_vision.data.base import ClassificationDataModule
 from abkd_vision.data.transforms import CIFAR100_MEAN, CIFAR100_STD, cifar_eval_transform, cifar_train_transform
 
 __all__ = ["CIFAR100_CLASSES", "CIFAR100DataModule"]
@@ -51,39 +49,7 @@ CIFAR100_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def _accelerator_available() -> bool:
-    acc = getattr(torch, "accelerator", None)  # torch >= 2.6
-    if acc is not None:
-        return bool(acc.is_available())
-    return torch.cuda.is_available()
-
-
-def make_dataloader(
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    shuffle: bool,
-    drop_last: bool,
-    num_workers: int,
-    pin_memory: bool,
-) -> DataLoader:
-    """DataLoader with the suite's conventions (shared by all data modules).
-
-    Pinned memory is only requested when an accelerator exists (it is useless and warns on CPU-only
-    machines); workers are kept alive between epochs when ``num_workers > 0``.
-    """
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        pin_memory=pin_memory and _accelerator_available(),
-        persistent_workers=num_workers > 0,
-    )
-
-
-class CIFAR100DataModule(L.LightningDataModule):
+class CIFAR100DataModule(ClassificationDataModule):
     """CIFAR-100 (torchvision ``CIFAR100``) for training and evaluating teachers and students.
 
     Args:
@@ -211,28 +177,3 @@ class CIFAR100DataModule(L.LightningDataModule):
     def val_set(self) -> CIFAR100 | None:
         """The validation dataset: the official test split (same object as ``test_set``)."""
         return self.test_set
-
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before requesting a dataloader")
-        hp = self.hparams
-        return make_dataloader(
-            dataset,
-            batch_size=hp.batch_size if train else hp.eval_batch_size,
-            shuffle=train,
-            drop_last=hp.drop_last if train else False,
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)

@@ -23,12 +23,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from abkd_vision.data.cifar import make_dataloader
+from abkd_vision.data.base import ClassificationDataModule
 from abkd_vision.data.transforms import CIFAR100_MEAN, CIFAR100_STD, cifar_eval_transform, cifar_train_transform
 
 __all__ = ["ImageFolderDataModule", "list_classes"]
@@ -79,7 +78,7 @@ def _first_per_class(dataset: ImageFolder, per_class: int) -> Subset:
     return Subset(dataset, indices)
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(ClassificationDataModule):
     """Train/val/test loaders for a class-folder dataset, with CIFAR-style transforms by default.
 
     Args:
@@ -195,28 +194,3 @@ class ImageFolderDataModule(L.LightningDataModule):
             # The folders could have changed between __init__ and setup; labels must keep their meaning.
             if ds is not None and ds.classes != self.class_names:
                 raise ValueError(f"class folders of {ds.root} changed since __init__; {LAYOUT_HELP}")
-
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before requesting a dataloader")
-        hp = self.hparams
-        return make_dataloader(
-            dataset,
-            batch_size=hp.batch_size if train else hp.eval_batch_size,
-            shuffle=train,
-            drop_last=hp.drop_last if train else False,
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)

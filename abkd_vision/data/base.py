@@ -1,0 +1,78 @@
+"""What the classification DataModules share: DataLoader conventions and the four loader hooks."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def _accelerator_available() -> bool:
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if acc is not None:
+        return bool(acc.is_available())
+    return torch.cuda.is_available()
+
+
+def make_dataloader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    drop_last: bool,
+    num_workers: int,
+    pin_memory: bool,
+) -> DataLoader:
+    """DataLoader with the suite's conventions (shared by all data modules).
+
+    Pinned memory is only requested when an accelerator exists (it is useless and warns on CPU-only
+    machines); workers are kept alive between epochs when ``num_workers > 0``.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin_memory and _accelerator_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Base of the image-classification DataModules.
+
+    Subclasses fill ``train_set``, ``val_set`` and ``test_set`` in ``setup`` and save the hyper-parameters
+    ``batch_size``, ``eval_batch_size``, ``drop_last``, ``num_workers`` and ``pin_memory``; this class turns
+    them into loaders (training: shuffled, last partial batch dropped if asked; evaluation: never dropped).
+    Predict uses the test split.
+    """
+
+    train_set: Dataset | None = None
+    val_set: Dataset | None = None
+    test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before requesting a dataloader")
+        hp = self.hparams
+        return make_dataloader(
+            dataset,
+            batch_size=hp.batch_size if train else hp.eval_batch_size,
+            shuffle=train,
+            drop_last=hp.drop_last if train else False,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
