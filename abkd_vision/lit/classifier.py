@@ -151,7 +151,7 @@ class ImageClassificationTask(LightningModule):
     @rank_zero_only
     def _write_results(self) -> None:
         log_dir = self.trainer.log_dir
-        if log_dir is None:
+        if log_dir is None or self.trainer.logger is None:  # no run directory: nothing to write next to
             return
         path = Path(log_dir) / "results.json"
         path.parent.mkdir(parents=True, exist_ok=True)
