@@ -10,13 +10,14 @@ Distillation", ICLR 2020 (RepDistiller, reused by mdistiller): [16, 16, 32, 64] 
 their published teachers (``resnet56_vanilla/ckpt_epoch_240.pth`` ...) load strictly.
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
+
+from ._base import CifarNet, build_cifar_model, cifar_cfg, stage_info
 
 __all__ = ["CifarResNet"]
 
@@ -50,13 +51,17 @@ class BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(CifarNet):
     """Three-stage CIFAR ResNet with basic blocks.
 
     Shapes for a ``[B, 3, 32, 32]`` input and ``channels = (c0, c1, c2, c3)``:
     stem ``[B, c0, 32, 32]`` -> layer1 ``[B, c1, 32, 32]`` -> layer2 ``[B, c2, 16, 16]``
     -> layer3 ``[B, c3, 8, 8]`` -> pooled ``[B, c3]`` -> ``fc`` logits ``[B, num_classes]``.
+    ``forward_intermediates`` returns ``[stem, layer1, layer2, layer3]``; the final feature map is layer3's
+    output (global average pooling == the reference AvgPool2d(8) at 32x32).
     """
+
+    _classifier_attr = "fc"
 
     def __init__(
         self,
@@ -81,22 +86,12 @@ class CifarResNet(nn.Module):
                       for i in range(blocks_per_stage)]
             self.add_module(f"layer{idx}", nn.Sequential(*blocks))
             in_chs = out_chs
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = self._make_classifier(num_classes)
 
         # Stage outputs returned by forward_intermediates; same order as the reference ``feats`` list.
-        self.feature_info = [
-            dict(num_chs=channels[0], reduction=1, module="relu"),
-            dict(num_chs=channels[1], reduction=1, module="layer1"),
-            dict(num_chs=channels[2], reduction=2, module="layer2"),
-            dict(num_chs=channels[3], reduction=4, module="layer3"),
-        ]
+        self.feature_info = stage_info(channels, (1, 1, 2, 4), ("relu", "layer1", "layer2", "layer3"))
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self._init_weights()
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))
@@ -104,92 +99,17 @@ class CifarResNet(nn.Module):
     def _stages(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:
         return [self._stem, self.layer1, self.layer2, self.layer3]
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs ``[stem, layer1, layer2, layer3]`` (see class docstring for shapes).
-
-        ``indices``: None = all, int n = last n, list = those indices. Returns the list if
-        ``intermediates_only`` else ``(final feature map [B, c3, 8, 8], list)``. ``norm`` is accepted for timm
-        API compatibility and ignored (the last stage output already is the final feature map).
-        """
-        if output_fmt != "NCHW":
-            raise ValueError("only NCHW output is supported")
-        take, max_index = feature_take_indices(len(self.feature_info), indices)
-        intermediates = []
-        stages = self._stages()
-        if stop_early:
-            stages = stages[: max_index + 1]
-        for idx, stage in enumerate(stages):
-            x = stage(x)
-            if idx in take:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, 32, 32]`` image -> final feature map ``[B, c3, 8, 8]`` (before pooling)."""
-        for stage in self._stages():
-            x = stage(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature map -> pooled features ``[B, c3]`` (``pre_logits``) or logits ``[B, num_classes]``."""
-        # Global average == the reference AvgPool2d(8) at 32x32, and stays valid at other input sizes.
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-def _cfg(**kwargs):
-    return {
-        "num_classes": 100,
-        "input_size": (3, 32, 32),
-        "pool_size": (8, 8),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": (0.5071, 0.4867, 0.4408),
-        "std": (0.2675, 0.2565, 0.2761),
-        "first_conv": "conv1",
-        "classifier": "fc",
-        "paper_ids": "arXiv:1512.03385",
-        "origin_url": "https://github.com/HobbitLong/RepDistiller",
-        **kwargs,
-    }
-
 
 default_cfgs = generate_default_cfgs({
-    f"cifar_resnet{name}": _cfg()
+    f"cifar_resnet{name}": cifar_cfg(
+        pool_size=(8, 8), first_conv="conv1", classifier="fc", paper_ids="arXiv:1512.03385"
+    )
     for name in ("8", "14", "20", "32", "44", "56", "110", "8x4", "32x4")
 })
 
 
 def _create(variant: str, pretrained: bool, depth: int, channels: Sequence[int], **kwargs) -> CifarResNet:
-    return build_model_with_cfg(
-        CifarResNet,
-        variant,
-        pretrained,
-        depth=depth,
-        channels=channels,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **kwargs,
-    )
+    return build_cifar_model(CifarResNet, variant, pretrained, 4, depth=depth, channels=channels, **kwargs)
 
 
 _NARROW = (16, 16, 32, 64)

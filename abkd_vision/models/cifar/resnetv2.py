@@ -8,13 +8,14 @@ Representation Distillation", ICLR 2020) -- it is *not* the pre-activation "ResN
 buffer names match those code bases so their checkpoints (``ResNet50_vanilla``) load strictly.
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, List, Sequence, Type, Union
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
+
+from ._base import CifarNet, build_cifar_model, cifar_cfg
 
 __all__ = ["CifarResNetV2"]
 
@@ -67,13 +68,16 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNetV2(nn.Module):
+class CifarResNetV2(CifarNet):
     """Four-stage ResNet for 32x32 inputs (e = block expansion: 1 basic, 4 bottleneck).
 
     Shapes for a ``[B, 3, 32, 32]`` input: stem ``[B, 64, 32, 32]`` -> layer1 ``[B, 64e, 32, 32]``
     -> layer2 ``[B, 128e, 16, 16]`` -> layer3 ``[B, 256e, 8, 8]`` -> layer4 ``[B, 512e, 4, 4]``
     -> pooled ``[B, 512e]`` -> ``linear`` logits ``[B, num_classes]``.
+    ``forward_intermediates`` returns ``[stem, layer1, ..., layer4]``; the final feature map is layer4's.
     """
+
+    _classifier_attr = "linear"
 
     def __init__(
         self,
@@ -98,14 +102,9 @@ class CifarResNetV2(nn.Module):
                 in_chs = planes * block.expansion
             self.add_module(f"layer{idx}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=2 ** max(idx - 1, 0), module=f"layer{idx}"))
-        self.linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.linear = self._make_classifier(num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self._init_weights()
         if zero_init_residual:
             # Each residual branch starts as zero, so every block starts as an identity (Goyal et al. 2017).
             for m in self.modules():
@@ -120,86 +119,15 @@ class CifarResNetV2(nn.Module):
     def _stages(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:
         return [self._stem, self.layer1, self.layer2, self.layer3, self.layer4]
 
-    def get_classifier(self) -> nn.Module:
-        return self.linear
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs ``[stem, layer1, ..., layer4]`` (shapes in the class docstring).
-
-        ``indices``: None = all, int n = last n, list = those indices. Returns the list if
-        ``intermediates_only`` else ``(final feature map [B, 512e, 4, 4], list)``. ``norm`` is accepted for
-        timm API compatibility and ignored.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError("only NCHW output is supported")
-        take, max_index = feature_take_indices(len(self.feature_info), indices)
-        intermediates = []
-        stages = self._stages()
-        if stop_early:
-            stages = stages[: max_index + 1]
-        for idx, stage in enumerate(stages):
-            x = stage(x)
-            if idx in take:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, 32, 32]`` image -> final feature map ``[B, 512e, 4, 4]`` (before pooling)."""
-        for stage in self._stages():
-            x = stage(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature map -> pooled features ``[B, 512e]`` (``pre_logits``) or logits ``[B, num_classes]``."""
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.linear(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 default_cfgs = generate_default_cfgs({
-    name: {
-        "num_classes": 100,
-        "input_size": (3, 32, 32),
-        "pool_size": (4, 4),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": (0.5071, 0.4867, 0.4408),
-        "std": (0.2675, 0.2565, 0.2761),
-        "first_conv": "conv1",
-        "classifier": "linear",
-        "paper_ids": "arXiv:1512.03385",
-        "origin_url": "https://github.com/HobbitLong/RepDistiller",
-    }
+    name: cifar_cfg(pool_size=(4, 4), first_conv="conv1", classifier="linear", paper_ids="arXiv:1512.03385")
     for name in ("cifar_resnet18", "cifar_resnet50")
 })
 
 
 def _create(variant: str, pretrained: bool, block, layers: Sequence[int], **kwargs) -> CifarResNetV2:
-    return build_model_with_cfg(
-        CifarResNetV2,
-        variant,
-        pretrained,
-        block=block,
-        layers=layers,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3, 4)),
-        **kwargs,
-    )
+    return build_cifar_model(CifarResNetV2, variant, pretrained, 5, block=block, layers=layers, **kwargs)
 
 
 @register_model

@@ -8,13 +8,14 @@ that each halve the resolution, and a ``linear`` classifier. Parameter and buffe
 RepDistiller/mdistiller ``ShuffleV1`` / ``ShuffleV2`` so their checkpoints load strictly.
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
+
+from ._base import CifarNet, build_cifar_model, cifar_cfg
 
 __all__ = ["CifarShuffleNetV1", "CifarShuffleNetV2"]
 
@@ -98,76 +99,39 @@ class ShuffleV2DownUnit(nn.Module):
         return channel_shuffle(torch.cat([left, right], 1), 2)
 
 
-class _ShuffleBase(nn.Module):
-    """Shared stem / stage loop / head of both ShuffleNets (stem 24 channels, three stride-2 stages)."""
+class _ShuffleBase(CifarNet):
+    """Shared stem and stage list of both ShuffleNets (stem 24 channels, three stride-2 stages).
 
-    num_features: int
-    feature_info: List[dict]
+    ``forward_intermediates`` returns ``[stem, layer1, layer2, layer3]``; global average pooling == the
+    reference avg_pool2d(4) on the 4x4 CIFAR map.
+    """
 
-    def _init_stem(self, in_chans: int) -> None:
+    _classifier_attr = "linear"
+
+    def _init_body(
+        self,
+        in_chans: int,
+        widths: Sequence[int],
+        depths: Sequence[int],
+        make_stage: Callable[[int, int, int], List[nn.Module]],
+    ) -> int:
+        """Build the stem and ``layer1..3`` (``make_stage(in_chs, out_chs, depth)`` gives a stage's units) with
+        their ``feature_info``; returns the channels of ``layer3``."""
         self.conv1 = nn.Conv2d(in_chans, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
+        in_chs = 24
+        self.feature_info = [dict(num_chs=24, reduction=1, module="bn1")]
+        for idx, (out_chs, n) in enumerate(zip(widths, depths), start=1):
+            self.add_module(f"layer{idx}", nn.Sequential(*make_stage(in_chs, out_chs, n)))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=2 ** idx, module=f"layer{idx}"))
+            in_chs = out_chs
+        return in_chs
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn1(self.conv1(x)))
 
     def _stages(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:
         return [self._stem, self.layer1, self.layer2, self.layer3]
-
-    def _final(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def get_classifier(self) -> nn.Module:
-        return self.linear
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs ``[stem, layer1, layer2, layer3]`` (shapes in the class docstrings).
-
-        ``indices``: None = all, int n = last n, list = those indices. Returns the list if
-        ``intermediates_only`` else ``(final feature map, list)``. ``norm`` is accepted for timm API
-        compatibility and ignored.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError("only NCHW output is supported")
-        take, max_index = feature_take_indices(len(self.feature_info), indices)
-        intermediates = []
-        stages = self._stages()
-        if stop_early:
-            stages = stages[: max_index + 1]
-        for idx, stage in enumerate(stages):
-            x = stage(x)
-            if idx in take:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return (self._final(x) if len(stages) == len(self.feature_info) else x), intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, 32, 32]`` image -> final feature map ``[B, num_features, 4, 4]`` (before pooling)."""
-        for stage in self._stages():
-            x = stage(x)
-        return self._final(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature map -> pooled ``[B, num_features]`` (``pre_logits``) or logits ``[B, num_classes]``."""
-        # Global average == the reference avg_pool2d(4) on the 4x4 CIFAR map.
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.linear(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class CifarShuffleNetV1(_ShuffleBase):
@@ -186,17 +150,14 @@ class CifarShuffleNetV1(_ShuffleBase):
         super().__init__()
         self.num_classes = num_classes
         self.num_features = widths[-1]
-        self._init_stem(in_chans)
-        in_chs = 24
-        self.feature_info = [dict(num_chs=24, reduction=1, module="bn1")]
-        for idx, (out_chs, n) in enumerate(zip(widths, depths), start=1):
+
+        def make_stage(in_chs: int, out_chs: int, n: int) -> List[nn.Module]:
             # The stride-2 unit concatenates its pooled input, so its branch only adds out - in channels.
             units = [ShuffleV1Unit(in_chs, out_chs - in_chs, 2, groups)]
-            units += [ShuffleV1Unit(out_chs, out_chs, 1, groups) for _ in range(n - 1)]
-            self.add_module(f"layer{idx}", nn.Sequential(*units))
-            self.feature_info.append(dict(num_chs=out_chs, reduction=2 ** idx, module=f"layer{idx}"))
-            in_chs = out_chs
-        self.linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            return units + [ShuffleV1Unit(out_chs, out_chs, 1, groups) for _ in range(n - 1)]
+
+        self._init_body(in_chans, widths, depths, make_stage)
+        self.linear = self._make_classifier(num_classes)
 
 
 class CifarShuffleNetV2(_ShuffleBase):
@@ -215,64 +176,37 @@ class CifarShuffleNetV2(_ShuffleBase):
         super().__init__()
         self.num_classes = num_classes
         self.num_features = widths[-1]
-        self._init_stem(in_chans)
-        in_chs = 24
-        self.feature_info = [dict(num_chs=24, reduction=1, module="bn1")]
-        for idx, (out_chs, n) in enumerate(zip(widths[:3], depths), start=1):
+
+        def make_stage(in_chs: int, out_chs: int, n: int) -> List[nn.Module]:
             # The reference stage is one down-sampling unit followed by ``n`` (not n - 1) regular units.
-            units = [ShuffleV2DownUnit(in_chs, out_chs)] + [ShuffleV2Unit(out_chs) for _ in range(n)]
-            self.add_module(f"layer{idx}", nn.Sequential(*units))
-            self.feature_info.append(dict(num_chs=out_chs, reduction=2 ** idx, module=f"layer{idx}"))
-            in_chs = out_chs
+            return [ShuffleV2DownUnit(in_chs, out_chs)] + [ShuffleV2Unit(out_chs) for _ in range(n)]
+
+        in_chs = self._init_body(in_chans, widths[:3], depths, make_stage)
         self.conv2 = nn.Conv2d(in_chs, self.num_features, kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(self.num_features)
-        self.linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.linear = self._make_classifier(num_classes)
 
     def _final(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn2(self.conv2(x)))
 
 
-def _cfg(**kwargs):
-    return {
-        "num_classes": 100,
-        "input_size": (3, 32, 32),
-        "pool_size": (4, 4),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": (0.5071, 0.4867, 0.4408),
-        "std": (0.2675, 0.2565, 0.2761),
-        "first_conv": "conv1",
-        "classifier": "linear",
-        "origin_url": "https://github.com/HobbitLong/RepDistiller",
-        **kwargs,
-    }
+def _cfg(paper_ids: str) -> dict:
+    return cifar_cfg(pool_size=(4, 4), first_conv="conv1", classifier="linear", paper_ids=paper_ids)
 
 
 default_cfgs = generate_default_cfgs({
-    "cifar_shufflev1": _cfg(paper_ids="arXiv:1707.01083"),
-    "cifar_shufflev2": _cfg(paper_ids="arXiv:1807.11164"),
+    "cifar_shufflev1": _cfg("arXiv:1707.01083"),
+    "cifar_shufflev2": _cfg("arXiv:1807.11164"),
 })
 
 
 @register_model
 def cifar_shufflev1(pretrained: bool = False, **kwargs) -> CifarShuffleNetV1:
     """The benchmark's ``ShuffleV1`` student (groups = 3)."""
-    return build_model_with_cfg(
-        CifarShuffleNetV1,
-        "cifar_shufflev1",
-        pretrained,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **kwargs,
-    )
+    return build_cifar_model(CifarShuffleNetV1, "cifar_shufflev1", pretrained, 4, **kwargs)
 
 
 @register_model
 def cifar_shufflev2(pretrained: bool = False, **kwargs) -> CifarShuffleNetV2:
     """The benchmark's ``ShuffleV2`` student (1x width)."""
-    return build_model_with_cfg(
-        CifarShuffleNetV2,
-        "cifar_shufflev2",
-        pretrained,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **kwargs,
-    )
+    return build_cifar_model(CifarShuffleNetV2, "cifar_shufflev2", pretrained, 4, **kwargs)

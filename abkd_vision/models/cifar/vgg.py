@@ -8,13 +8,14 @@ pooling between stages 0-3, global average pooling and a single linear ``classif
 models; parameter and buffer names match RepDistiller/mdistiller so their checkpoints load strictly.
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
+
+from ._base import CifarNet, build_cifar_model, cifar_cfg
 
 __all__ = ["CifarVGG", "VGG_STAGES"]
 
@@ -38,13 +39,17 @@ def _make_stage(in_chs: int, widths: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(CifarNet):
     """VGG-BN for 32x32 inputs.
 
     Shapes for a ``[B, 3, 32, 32]`` input: block0 ``[B, 64, 32, 32]`` -> block1 ``[B, 128, 16, 16]``
     -> block2 ``[B, 256, 8, 8]`` -> block3 ``[B, 512, 4, 4]`` -> block4 ``[B, 512, 4, 4]``
     -> pooled ``[B, 512]`` -> ``classifier`` logits ``[B, num_classes]``.
+    ``forward_intermediates`` returns the post-ReLU outputs ``[block0, ..., block4]``; the final feature map is
+    block4's.
     """
+
+    _classifier_attr = "classifier"
 
     def __init__(
         self,
@@ -59,22 +64,13 @@ class CifarVGG(nn.Module):
         for idx, widths in enumerate(stages):
             self.add_module(f"block{idx}", _make_stage(in_chs, widths))
             in_chs = widths[-1]
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = self._make_classifier(num_classes)
 
         self.feature_info = [
             dict(num_chs=stages[i][-1], reduction=r, module=f"block{i}") for i, r in enumerate((1, 2, 4, 8, 8))
         ]
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        self._init_weights(linear_std=0.01)
 
     def _stage0(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.block0(x))
@@ -98,85 +94,18 @@ class CifarVGG(nn.Module):
     def _stages(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:
         return [self._stage0, self._stage1, self._stage2, self._stage3, self._stage4]
 
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Post-ReLU stage outputs ``[block0, ..., block4]`` (shapes in the class docstring).
-
-        ``indices``: None = all, int n = last n, list = those indices. Returns the list if
-        ``intermediates_only`` else ``(final feature map [B, 512, 4, 4], list)``. ``norm`` is accepted for timm
-        API compatibility and ignored.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError("only NCHW output is supported")
-        take, max_index = feature_take_indices(len(self.feature_info), indices)
-        intermediates = []
-        stages = self._stages()
-        if stop_early:
-            stages = stages[: max_index + 1]
-        for idx, stage in enumerate(stages):
-            x = stage(x)
-            if idx in take:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, 32, 32]`` image -> final feature map ``[B, 512, 4, 4]`` (before pooling)."""
-        for stage in self._stages():
-            x = stage(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature map -> pooled features ``[B, 512]`` (``pre_logits``) or logits ``[B, num_classes]``."""
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 default_cfgs = generate_default_cfgs({
-    f"cifar_{name}": {
-        "num_classes": 100,
-        "input_size": (3, 32, 32),
-        "pool_size": (4, 4),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": (0.5071, 0.4867, 0.4408),
-        "std": (0.2675, 0.2565, 0.2761),
-        "first_conv": "block0.0",
-        "classifier": "classifier",
-        "paper_ids": "arXiv:1409.1556",
-        "origin_url": "https://github.com/HobbitLong/RepDistiller",
-    }
+    f"cifar_{name}": cifar_cfg(
+        pool_size=(4, 4), first_conv="block0.0", classifier="classifier", paper_ids="arXiv:1409.1556"
+    )
     for name in VGG_STAGES
 })
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> CifarVGG:
-    return build_model_with_cfg(
-        CifarVGG,
-        variant,
-        pretrained,
-        stages=VGG_STAGES[variant.removeprefix("cifar_")],
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3, 4)),
-        **kwargs,
-    )
+    stages = VGG_STAGES[variant.removeprefix("cifar_")]
+    return build_cifar_model(CifarVGG, variant, pretrained, 5, stages=stages, **kwargs)
 
 
 @register_model
