@@ -52,6 +52,15 @@ def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[flo
     return mean_t, std_t
 
 
+def _compose(image_size: int, mean: Sequence[float], std: Sequence[float], augment: list) -> T.Compose:
+    """ToRGB -> Resize((image_size, image_size)) -> *augment -> ToTensor -> Normalize(mean, std)."""
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    mean_t, std_t = _check_stats(mean, std)
+    resize = T.Resize((image_size, image_size), antialias=True)
+    return T.Compose([ToRGB(), resize, *augment, T.ToTensor(), T.Normalize(mean_t, std_t)])
+
+
 def cifar_train_transform(
     image_size: int = 32,
     mean: Sequence[float] = CIFAR100_MEAN,
@@ -67,19 +76,8 @@ def cifar_train_transform(
 
     Returns a callable: PIL image -> float tensor ``[3, image_size, image_size]``.
     """
-    if image_size <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    mean_t, std_t = _check_stats(mean, std)
-    return T.Compose(
-        [
-            ToRGB(),
-            T.Resize((image_size, image_size), antialias=True),
-            T.RandomCrop(image_size, padding=padding),
-            *([T.RandomHorizontalFlip()] if hflip else []),
-            T.ToTensor(),
-            T.Normalize(mean_t, std_t),
-        ]
-    )
+    augment = [T.RandomCrop(image_size, padding=padding), *([T.RandomHorizontalFlip()] if hflip else [])]
+    return _compose(image_size, mean, std, augment)
 
 
 def cifar_eval_transform(
@@ -91,14 +89,4 @@ def cifar_eval_transform(
 
     Returns a callable: PIL image -> float tensor ``[3, image_size, image_size]``.
     """
-    if image_size <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    mean_t, std_t = _check_stats(mean, std)
-    return T.Compose(
-        [
-            ToRGB(),
-            T.Resize((image_size, image_size), antialias=True),
-            T.ToTensor(),
-            T.Normalize(mean_t, std_t),
-        ]
-    )
+    return _compose(image_size, mean, std, augment=[])

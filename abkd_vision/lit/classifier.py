@@ -85,31 +85,35 @@ class ImageClassificationTask(LightningModule):
             "weights, or check alpha/beta (negative alpha or beta diverges where a probability underflows)."
         )
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def _update(self, metrics: MetricCollection, batch) -> None:
         images, target = batch
-        self.val_metrics.update(self.network(images), target)
+        metrics.update(self.network(images), target)
+
+    def _flush(self, metrics: MetricCollection, prog_bar: bool) -> dict[str, Tensor]:
+        values = metrics.compute()
+        metrics.reset()
+        self.log_dict(values, prog_bar=prog_bar)
+        return values
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._update(self.val_metrics, batch)
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
-        self.val_metrics.reset()
-        self.log_dict(values, prog_bar=True)
+        values = self._flush(self.val_metrics, prog_bar=True)
         if self.trainer.sanity_checking:
             return
         acc1 = values["val/acc1"]
-        if acc1 > self.val_acc1_best.compute() or self._best_epoch < 0:
+        if self._best_epoch < 0 or acc1 > self.val_acc1_best.compute():
             self._best_epoch = self.current_epoch
         self.val_acc1_best.update(acc1)
         self.log("val/acc1_best", self.val_acc1_best.compute(), prog_bar=True)
         self._last_val = {k: float(v) for k, v in values.items()}
 
     def test_step(self, batch, batch_idx: int) -> None:
-        images, target = batch
-        self.test_metrics.update(self.network(images), target)
+        self._update(self.test_metrics, batch)
 
     def on_test_epoch_end(self) -> None:
-        values = self.test_metrics.compute()
-        self.test_metrics.reset()
-        self.log_dict(values)
+        self._flush(self.test_metrics, prog_bar=False)
 
     # -- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self):
