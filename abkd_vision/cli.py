@@ -15,7 +15,6 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
 
 # Imported so that configs can name classes by their short names and the models are registered.
 import abkd_vision.data  # noqa: F401
@@ -40,11 +39,11 @@ def library_versions() -> dict:
 class RecordVersions(Callback):
     """Write ``versions.json`` next to the run's ``config.yaml``."""
 
-    @rank_zero_only
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks, only rank 0 writes
+        if log_dir is None or not trainer.is_global_zero:
             return
-        path = Path(trainer.log_dir) / "versions.json"
+        path = Path(log_dir) / "versions.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(library_versions(), indent=2) + "\n")
 

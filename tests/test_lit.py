@@ -199,3 +199,27 @@ def test_short_run_on_real_cifar10_learns(tmp_path):
     acc = cli.model.summary()["val_acc1_last"]
     print(f"real CIFAR-10 subset: top-1 {acc:.3f} after 4 epochs")
     assert acc > 0.3, f"top-1 {acc:.3f} after 4 epochs on 3,000 real images (chance is 0.1)"
+
+
+def test_two_process_ddp_on_cpu(tmp_path, tiny_data):
+    """The same module under DDP (2 CPU processes, gloo): trains, keeps the teacher frozen, and writes the
+    run files once (trainer.log_dir is a collective: asking for it on rank 0 only would hang)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from abkd_vision.cli import RecordVersions
+
+    data = ImageFolderDataModule(tiny_data, image_size=16, batch_size=8, num_workers=0)
+    module = DistillationModule(student="resnet8", teacher="resnet8", num_classes=3,
+                                head=DKD(divergence=AlphaBetaDivergence(0.8, 0.3)))
+    module.hparams.teacher_ckpt = "given"
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=2,
+                      limit_val_batches=2, logger=CSVLogger(tmp_path, name="ddp", version=0),
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[RecordVersions()])
+    trainer.fit(module, datamodule=data)
+    for key, value in module.teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    run = tmp_path / "ddp" / "version_0"
+    assert json.loads((run / "results.json").read_text())["epochs"] == 1
+    assert (run / "versions.json").exists()

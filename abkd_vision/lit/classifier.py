@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -90,9 +90,9 @@ class ImageClassificationTask(LightningModule):
         metrics.update(self.network(images), target)
 
     def _flush(self, metrics: MetricCollection, prog_bar: bool) -> dict[str, Tensor]:
-        values = metrics.compute()
+        values = metrics.compute()  # torchmetrics syncs across processes: every rank holds the same value
         metrics.reset()
-        self.log_dict(values, prog_bar=prog_bar)
+        self.log_dict(values, prog_bar=prog_bar, sync_dist=True)
         return values
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -106,7 +106,7 @@ class ImageClassificationTask(LightningModule):
         if self._best_epoch < 0 or acc1 > self.val_acc1_best.compute():
             self._best_epoch = self.current_epoch
         self.val_acc1_best.update(acc1)
-        self.log("val/acc1_best", self.val_acc1_best.compute(), prog_bar=True)
+        self.log("val/acc1_best", self.val_acc1_best.compute(), prog_bar=True, sync_dist=True)
         self._last_val = {k: float(v) for k, v in values.items()}
 
     def test_step(self, batch, batch_idx: int) -> None:
@@ -150,17 +150,13 @@ class ImageClassificationTask(LightningModule):
         }
 
     def on_fit_end(self) -> None:
-        self._write_results()
-
-    @rank_zero_only
-    def _write_results(self) -> None:
-        log_dir = self.trainer.log_dir
-        if log_dir is None or self.trainer.logger is None:  # no run directory: nothing to write next to
-            return
-        path = Path(log_dir) / "results.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.summary(), indent=2) + "\n")
-        rank_zero_info(f"results written to {path}: {self.summary()}")
+        # trainer.log_dir is a collective under DDP: every rank asks, only rank 0 writes.
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        if log_dir is not None and self.trainer.is_global_zero:
+            path = Path(log_dir) / "results.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+            rank_zero_info(f"results written to {path}: {self.summary()}")
 
 
 class ClassifierModule(ImageClassificationTask):

@@ -101,7 +101,7 @@ class DistillationModule(ImageClassificationTask):
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/kd": kd}, on_step=True, on_epoch=True,
                       prog_bar=True)
         self.log_dict({"train/kd_scale": scale, "train/student_entropy": mean_entropy(student_logits.detach())},
-                      on_step=False, on_epoch=True)
+                      on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     # -- teacher checks ----------------------------------------------------------------------------------
