@@ -162,8 +162,8 @@ def _corner_series(m: Tensor, delta: Tensor, alpha: float, beta: float, scale: f
 def _three_term(a: Tensor, b: Tensor, alpha: float, beta: float) -> Tensor:
     """(sum e^A - sum e^m) / (beta s) + (sum e^B - sum e^m) / (alpha s), for s > 0 away from the boundaries.
 
-    Reducing each exponential before combining keeps it to three exps and three sums (the cheapest
-    form; see benchmarks/). m is formed as B + alpha * (a - b) so that p = q gives exactly 0.
+    Reducing each exponential before combining keeps it to three exps and three sums (the cheapest form
+    measured; see benchmarks/). m is formed as B + alpha * (a - b) so that p = q gives exactly 0.
     """
     s = alpha + beta
     big_b = s * b
@@ -197,9 +197,10 @@ def alpha_beta_divergence(teacher_log_probs: Tensor, student_log_probs: Tensor,
     s = alpha + beta
     if s > 0 and min(abs(alpha), abs(beta), s) >= _DIRECT:
         out = _three_term(a, b, alpha, beta)
-        # Classes masked with -inf on both sides give NaN through a - b: checking the small result is
-        # cheaper than scanning the inputs, and only then are they clamped (masked terms become e^-huge = 0).
-        if not torch.isfinite(out).all():
+        # Classes masked with -inf on both sides give NaN through a - b: checking the small result (one
+        # sum) is cheaper than scanning the inputs, and only then are they clamped (masked terms become
+        # e^-huge = 0). A genuinely infinite divergence (+inf, not NaN) is returned as is.
+        if math.isnan(float(out.detach().sum())):
             out = _three_term(a.clamp(min=_NEG_LARGE), b.clamp(min=_NEG_LARGE), alpha, beta)
         return out
 
