@@ -111,17 +111,14 @@ def check_log_probs(teacher_log_probs: Tensor, student_log_probs: Tensor) -> tup
     return teacher_log_probs.to(dtype), student_log_probs.to(dtype)
 
 
-def _unmask(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Replace classes that are -inf in both inputs by 0 so they contribute exactly 0.
+def _unmask(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Replace classes that are -inf in both inputs by 0 (then p = q there, a zero contribution).
 
-    Returns (a, b, masked). Done with ``where`` on the inputs, so no NaN reaches autograd.
+    Done with ``where`` on the inputs, so no NaN reaches autograd.
     """
     masked = torch.isneginf(a) & torch.isneginf(b)
-    if masked.any():
-        zero = torch.zeros((), dtype=a.dtype, device=a.device)
-        a = torch.where(masked, zero, a)
-        b = torch.where(masked, zero, b)
-    return a, b, masked
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    return torch.where(masked, zero, a), torch.where(masked, zero, b)
 
 
 def _diff_exp(x: Tensor, y: Tensor, lam: float, t: Tensor) -> Tensor:
@@ -204,7 +201,7 @@ def alpha_beta_divergence(teacher_log_probs: Tensor, student_log_probs: Tensor,
             out = _three_term(a.clamp(min=_NEG_LARGE), b.clamp(min=_NEG_LARGE), alpha, beta)
         return out
 
-    a, b, masked = _unmask(a, b)
+    a, b = _unmask(a, b)  # both-masked classes become a = b = 0: every form below then gives exactly 0
     delta = a - b
     m = alpha * a + beta * b
     largest = max(abs(s), abs(beta), abs(alpha))
@@ -232,22 +229,26 @@ def alpha_beta_divergence(teacher_log_probs: Tensor, student_log_probs: Tensor,
             series = _corner_series(m_in, delta_in, alpha, beta, largest)
             per_class = torch.where(inside, series, per_class)
 
-    if masked.any():
-        per_class = per_class.masked_fill(masked, 0.0)
     return per_class.sum(dim=-1)
 
 
 def forward_kl(teacher_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
     """KL(p||q) = sum_k p_k (log p_k - log q_k) per row, shape [...]. Equals D_AB at (1, 0)."""
     a, b = check_log_probs(teacher_log_probs, student_log_probs)
-    a, b, masked = _unmask(a, b)
-    # A class with p = 0 contributes 0 even where q = 0; the inputs are cleaned first so that the
-    # discarded branch of ``where`` holds no NaN (it would leak into the gradient).
+    out = (torch.exp(a) * (a - b)).sum(dim=-1)
+    # p = 0 classes (a = -inf) give 0 * inf = NaN here; a one-sum check finds them, then the masked form runs.
+    if math.isnan(float(out.detach().sum())):
+        out = _forward_kl_masked(a, b)
+    return out
+
+
+def _forward_kl_masked(a: Tensor, b: Tensor) -> Tensor:
+    """forward_kl where some p_k = 0: such a class contributes 0 even where q_k = 0 too. The inputs are
+    cleaned first so that the discarded branch of ``where`` holds no NaN (it would leak into the gradient)."""
     empty = torch.isneginf(a)
-    a_safe = torch.where(empty, torch.zeros_like(a), a)
-    b_safe = torch.where(empty, torch.zeros_like(b), b)
-    per_class = torch.where(empty, torch.zeros_like(a), torch.exp(a_safe) * (a_safe - b_safe))
-    return per_class.sum(dim=-1)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    a_safe, b_safe = torch.where(empty, zero, a), torch.where(empty, zero, b)
+    return torch.where(empty, zero, torch.exp(a_safe) * (a_safe - b_safe)).sum(dim=-1)
 
 
 def reverse_kl(teacher_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
@@ -265,6 +266,6 @@ def weighted_kl(teacher_log_probs: Tensor, student_log_probs: Tensor,
 def jensen_shannon(teacher_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
     """JSD(p, q) = 1/2 KL(p||M) + 1/2 KL(q||M), M = (p + q) / 2, per row (nats, at most log 2)."""
     a, b = check_log_probs(teacher_log_probs, student_log_probs)
-    a, b, _ = _unmask(a, b)
+    a, b = _unmask(a, b)
     log_m = torch.logaddexp(a, b) - math.log(2.0)
     return 0.5 * forward_kl(a, log_m) + 0.5 * forward_kl(b, log_m)
