@@ -30,6 +30,10 @@ class KD(DistillationHead):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
         self._check_logits(student_logits, teacher_logits, target)
+        return self._tempered_divergence(student_logits, teacher_logits)
+
+    def _tempered_divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """T^2 * mean D(softmax(z_t / T) || softmax(z_s / T)) on already validated logits."""
         t = self.temperature
         log_p = (upcast(teacher_logits) / t).log_softmax(dim=-1)
         log_q = (upcast(student_logits) / t).log_softmax(dim=-1)

@@ -36,4 +36,4 @@ class LSD(KD):
         self._check_logits(student_logits, teacher_logits, target)
         if student_logits.shape[-1] < 2:
             raise ValueError("LSD needs at least 2 classes to standardise logits")
-        return super().forward(standardize_logits(student_logits), standardize_logits(teacher_logits), target)
+        return self._tempered_divergence(standardize_logits(student_logits), standardize_logits(teacher_logits))

@@ -155,8 +155,9 @@ class ImageClassificationTask(LightningModule):
         if log_dir is not None and self.trainer.is_global_zero:
             path = Path(log_dir) / "results.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.summary(), indent=2) + "\n")
-            rank_zero_info(f"results written to {path}: {self.summary()}")
+            summary = self.summary()
+            path.write_text(json.dumps(summary, indent=2) + "\n")
+            rank_zero_info(f"results written to {path}: {summary}")
 
 
 class ClassifierModule(ImageClassificationTask):
