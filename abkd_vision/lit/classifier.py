@@ -7,18 +7,16 @@ against non-finite losses, and a ``results.json`` summary in the run directory.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from abkd_vision.lit.common import raise_if_nonfinite, write_results
 from abkd_vision.models import create_model
 
 # The reference CIFAR recipe (CRD/RepDistiller, mdistiller) uses lr 0.01 for these light networks.
@@ -75,15 +73,7 @@ class ImageClassificationTask(LightningModule):
 
     def check_finite(self, loss: Tensor, **terms: Tensor) -> None:
         """Stop with a clear error if the loss is NaN/inf, naming the step and the offending terms."""
-        if torch.isfinite(loss).all():
-            return
-        bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
-        values = ", ".join(f"{name}={float(value):.6g}" for name, value in terms.items())
-        raise FloatingPointError(
-            f"non-finite loss at global step {self.global_step} (epoch {self.current_epoch}): {values}; "
-            f"non-finite term(s): {', '.join(bad) or 'the weighted sum'}. Lower the learning rate or the loss "
-            "weights, or check alpha/beta (negative alpha or beta diverges where a probability underflows)."
-        )
+        raise_if_nonfinite(self, loss, **terms)
 
     def _update(self, metrics: MetricCollection, batch) -> None:
         images, target = batch
@@ -150,14 +140,7 @@ class ImageClassificationTask(LightningModule):
         }
 
     def on_fit_end(self) -> None:
-        # trainer.log_dir is a collective under DDP: every rank asks, only rank 0 writes.
-        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
-        if log_dir is not None and self.trainer.is_global_zero:
-            path = Path(log_dir) / "results.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            summary = self.summary()
-            path.write_text(json.dumps(summary, indent=2) + "\n")
-            rank_zero_info(f"results written to {path}: {summary}")
+        write_results(self, self.summary())
 
 
 class ClassifierModule(ImageClassificationTask):

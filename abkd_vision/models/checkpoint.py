@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "load_checkpoint"]
+__all__ = ["CheckpointError", "load_checkpoint", "mismatch_message"]
 
 _logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _fit_to_model(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: P
         if k in expected and v.shape != expected[k].shape
     ]
     if missing or unexpected or mismatched:
-        raise CheckpointError(_mismatch_message(path, model, prefix, missing, unexpected, mismatched))
+        raise CheckpointError(mismatch_message(path, model, prefix, missing, unexpected, mismatched))
 
     for key in set(expected) - set(sub):  # only num_batches_tracked left: keep the model's own counters
         sub[key] = expected[key]
@@ -182,7 +182,8 @@ def _listing(items: List[str], sep: str = ", ") -> str:
     return shown + (f"{sep}... (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
 
 
-def _mismatch_message(path, model, prefix, missing, unexpected, mismatched) -> str:
+def mismatch_message(path, model, prefix, missing, unexpected, mismatched) -> str:
+    """A readable diff of a state dict against ``model``: missing, unexpected and shape-mismatched keys."""
     lines = [
         f"Checkpoint {path} does not fit {type(model).__name__}"
         + (f" (after stripping prefix {prefix!r})" if prefix else "")

@@ -1,0 +1,128 @@
+"""``PromptTuningModule``: prompt-tune a CLIP on the base classes with labels (the teacher), or evaluate it.
+
+One training step (base-class images with labels, ``data.train_classes: base``)::
+
+    text = model.encode_text(base class names)          # prompted text tower, with gradients
+    logits = exp(logit_scale) * cos(model.encode_image(images), text)
+    loss = CE(logits, y) [+ PromptSRC's self-regulating consistency terms, when their weights are > 0]
+
+PromptSRC's consistency terms regularise the prompted features towards the frozen zero-shot CLIP (the same
+weights with the prompts switched off, :func:`~abkd_vision.models.clip.prompts_disabled`):
+``scl_image_weight * L1(f_img, f_img_zs) + scl_text_weight * L1(f_txt, f_txt_zs) + scl_logits_weight *
+KL(zs logits || logits) / C`` (the KL summed over classes and averaged over ``B * C``, as PromptSRC; the text
+anchor averages ``zero_shot_templates``). PromptSRC uses 10, 25 and 1. Its Gaussian prompt aggregation over epochs is
+not implemented.
+
+Evaluation uses the text features of all classes, computed once per weights (:class:`TextFeatureCache`), sliced
+into base and new. With ``learn_ctx: false`` and both depths 0 the module is zero-shot CLIP
+(``"a photo of a {class}."``): ``python run.py test`` evaluates it without training.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from abkd_vision.heads import KD
+from abkd_vision.lit.base_to_new import BaseToNewTask
+from abkd_vision.models.clip import PromptedCLIP, TextFeatureCache, load_prompt_checkpoint
+
+__all__ = ["PromptTuningModule"]
+
+
+class PromptTuningModule(BaseToNewTask):
+    """Prompt tuning (PromptSRC/IVLP) of an open_clip CLIP on base classes, with base/new/HM evaluation.
+
+    Args:
+        arch, pretrained: the CLIP (teacher: ``ViT-L-14-quickgelu`` with ``"openai"`` or a local ``ViT-L-14.pt``).
+        prompt_prefix, learn_ctx, n_ctx, text_depth, vision_tokens, vision_depth: the prompts
+            (:class:`~abkd_vision.models.clip.PromptedCLIP`; PromptSRC: "a photo of a", 4 tokens, depths 9).
+        init_ckpt: prompts to start from or to evaluate: a checkpoint of this module or a PromptKD teacher
+            (``model-best.pth.tar``); ``init_ckpt_trusted`` allows full unpickling (PromptKD files need it).
+        num_classes: optional check against the data (the CLI links ``data.num_classes``).
+        scl_image_weight, scl_text_weight, scl_logits_weight: PromptSRC's consistency terms (0 = off).
+        zero_shot_templates: the templates averaged for the zero-shot text anchor.
+        lr, momentum, weight_decay, warmup_epochs, warmup_lr, report_epoch: see :class:`BaseToNewTask`.
+        text_cache_dir: on-disk cache of the text features for ``validate``/``test`` runs (None = memory only).
+    """
+
+    def __init__(self, arch: str = "ViT-L-14-quickgelu", pretrained: str | None = "openai",
+                 prompt_prefix: str = "a photo of a", learn_ctx: bool = True, n_ctx: int | None = None,
+                 text_depth: int = 9, vision_tokens: int = 4, vision_depth: int = 9,
+                 init_ckpt: str | None = None, init_ckpt_trusted: bool = False, num_classes: int | None = None,
+                 scl_image_weight: float = 0.0, scl_text_weight: float = 0.0, scl_logits_weight: float = 0.0,
+                 zero_shot_templates: list[str] | None = None,
+                 lr: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int = 1,
+                 warmup_lr: float = 1e-5, report_epoch: str = "last", text_cache_dir: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        for name in ("scl_image_weight", "scl_text_weight", "scl_logits_weight"):
+            if not getattr(self.hparams, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self.hparams, name)}")
+        self.model = PromptedCLIP(arch, pretrained, prompt_prefix, learn_ctx, n_ctx, text_depth, vision_tokens,
+                                  vision_depth)
+        self.init_metadata: dict = {}
+        if init_ckpt is not None:
+            self.init_metadata = load_prompt_checkpoint(self.model, init_ckpt, trusted=init_ckpt_trusted)
+        self.templates = tuple(zero_shot_templates or ("a photo of a {}.",))
+        self.logits_consistency = KD(temperature=1.0)
+        self.text_cache = TextFeatureCache(None)
+        self._zs_text: Tensor | None = None
+        self.init_task(lr, momentum, weight_decay, warmup_epochs, warmup_lr, report_epoch, num_classes)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = self.trainer.datamodule
+        if stage == "fit" and getattr(dm, "train_classes", "base") != "base":
+            raise ValueError(
+                "prompt tuning trains on labelled base classes: set data.init_args.train_classes: base "
+                f"(got {dm.train_classes!r}; 'all' is the unlabeled transductive setting of prompt distillation)"
+            )
+        self.train_names = self.group_names("base")
+        # Disk cache only where the weights are final (validate/test); in fit they change every step.
+        cache_dir = self.hparams.text_cache_dir if stage in ("validate", "test") else None
+        self.text_cache = TextFeatureCache(cache_dir)
+
+    def check_classes(self, datamodule) -> None:
+        meta = self.init_metadata
+        names = meta.get("class_names")
+        if names is not None and list(names) != self.class_names:
+            raise ValueError(
+                f"the prompts in {self.hparams.init_ckpt} were trained for other classes ({len(names)}: "
+                f"{names[:4]}...) than the data's ({len(self.class_names)}: {self.class_names[:4]}...); use the "
+                "teacher trained on this dataset"
+            )
+        n_prompt = meta.get("num_prompt_classes")
+        if n_prompt is not None and n_prompt != self.num_base_classes:
+            raise ValueError(
+                f"the PromptKD teacher {self.hparams.init_ckpt} was trained on {n_prompt} base classes but the "
+                f"data has {self.num_base_classes}; use the teacher of this dataset"
+            )
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, target = batch
+        hp = self.hparams
+        text = self.model.encode_text(self.train_names)
+        image = self.model.encode_image(images)
+        logits = self.model.logit_scale() * image @ text.t()
+        ce = F.cross_entropy(logits, target)
+        terms = {"ce": ce}
+        if hp.scl_image_weight > 0 or hp.scl_text_weight > 0 or hp.scl_logits_weight > 0:
+            if self._zs_text is None:
+                self._zs_text = self.model.zero_shot_text_features(self.train_names, self.templates)
+            zs_image = self.model.zero_shot_image_features(images)
+            zs_logits = self.model.logit_scale() * zs_image @ self._zs_text.t()
+            terms["scl_image"] = F.l1_loss(image, zs_image)
+            terms["scl_text"] = F.l1_loss(text, self._zs_text)
+            terms["scl_logits"] = self.logits_consistency(logits, zs_logits, target) / logits.shape[1]
+        loss = ce + sum(getattr(hp, f"{k}_weight") * v for k, v in terms.items() if k != "ce")
+        self.check_finite(loss, **terms)
+        self.log_dict({"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}}, on_step=True,
+                      on_epoch=True, prog_bar=True)
+        return loss
+
+    # -- evaluation ------------------------------------------------------------------------------------------------
+    def eval_logits(self, images: Tensor, group: str) -> Tensor:
+        text = self.text_cache.get(self.model, self.class_names)[self.group_slice(group)]
+        return self.model(images, text.to(images.device))
