@@ -14,9 +14,12 @@ committed files in the tests.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import configgen  # noqa: E402
+from configgen import num  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "cifar100"
@@ -110,11 +113,6 @@ METHOD_DOC = {
         "# ABTTM: TTM with D_AB; (alpha, beta) from the ABKD paper, Table 4; gamma and lambda as TTM, CE 1.\n"
     ),
 }
-
-
-def num(x: float) -> str:
-    """Shortest exact float literal (repr), so files are stable and readable: 0.1, -0.2, 45.0."""
-    return repr(float(x))
 
 
 def run_name(teacher: str, student: str) -> str:
@@ -227,53 +225,9 @@ def owned_dirs() -> list[Path]:
     return [Path("configs/cifar100/teachers"), *(Path("configs/cifar100") / m for m in METHODS)]
 
 
-def stale_files(root: Path, files: dict[Path, str]) -> list[Path]:
-    """YAML files in the generated folders that the generator would not write (e.g. a renamed pair)."""
-    found = {p.relative_to(root) for d in owned_dirs() for p in (root / d).glob("*.yaml")}
-    return sorted(found - set(files))
-
-
-def check(root: Path) -> int:
-    files = expected_files()
-    problems = []
-    for rel, text in files.items():
-        path = root / rel
-        if not path.is_file():
-            problems.append(f"missing: {rel}")
-        elif path.read_text(encoding="utf-8") != text:
-            problems.append(f"differs: {rel}")
-    problems += [f"not generated (stale): {rel}" for rel in stale_files(root, files)]
-    if problems:
-        print("\n".join(problems))
-        print(f"{len(problems)} file(s) out of date; run: python scripts/make_cifar100_configs.py")
-        return 1
-    print(f"all {len(files)} generated configs are up to date")
-    return 0
-
-
-def write(root: Path) -> int:
-    files = expected_files()
-    for rel in stale_files(root, files):  # the folders hold only generated files
-        (root / rel).unlink()
-        print(f"removed stale {rel}")
-    changed = 0
-    for rel, text in files.items():
-        path = root / rel
-        if path.is_file() and path.read_text(encoding="utf-8") == text:
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        changed += 1
-    print(f"wrote {changed} of {len(files)} configs under {root / 'configs' / 'cifar100'}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if any file differs")
-    parser.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
-    args = parser.parse_args(argv)
-    return check(args.root) if args.check else write(args.root)
+    return configgen.main(expected_files, owned_dirs, "scripts/make_cifar100_configs.py", ROOT,
+                          __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

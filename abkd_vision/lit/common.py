@@ -29,9 +29,14 @@ def raise_if_nonfinite(module: LightningModule, loss: Tensor, **terms: Tensor) -
 
 
 def write_results(module: LightningModule, summary: dict, name: str = "results.json") -> Path | None:
-    """Write ``summary`` as JSON into the run directory (rank 0; atomically), or do nothing without a logger."""
+    """Write ``summary`` as JSON into the run directory (rank 0; atomically), or do nothing without a logger.
+
+    ``"finished"`` is added: True when the trainer ran to its end (not interrupted). Sweeps treat a run as done
+    only then.
+    """
     # trainer.log_dir is a collective under DDP: every rank asks, only rank 0 writes.
     trainer = module.trainer
+    summary = {"finished": not trainer.interrupted, **summary}
     log_dir = trainer.log_dir if trainer.logger is not None else None
     if log_dir is None or not trainer.is_global_zero:
         return None

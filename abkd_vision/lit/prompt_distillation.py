@@ -1,0 +1,181 @@
+"""``PromptDistillationModule``: distil a frozen prompted CLIP teacher into a prompted image student (PromptKD,
+ABKD's base-to-new setting), with any head and any divergence.
+
+One training step (unlabeled training images of all classes, ``data.train_classes: all``, as the reference)::
+
+    text = teacher text features of all C classes         # computed once per teacher weights (TextFeatureCache)
+    teacher_logits = teacher(images, text)                # frozen ViT-L/14, no grad
+    student_logits = student(images, text)                # prompted ViT-B/16 -> projector, cosine to the same text
+    loss = kd_weight * warmup(epoch) * head(student_logits, teacher_logits, y)
+
+There is no cross-entropy: the images are used without labels. DKD's target/non-target split needs labels: it
+gets the ground-truth labels of the training images, as the reference code does (logged once at fit start).
+At evaluation the student classifies base and new test images among their own classes with the slices of the
+teacher's text features.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from abkd_vision.heads import DKD, KD, DistillationHead
+from abkd_vision.lit.base_to_new import BaseToNewTask
+from abkd_vision.metrics import harmonic_mean
+from abkd_vision.models.clip import PromptedCLIP, PromptedImageStudent, TextFeatureCache, load_prompt_checkpoint
+
+__all__ = ["FrozenCLIPTeacher", "PromptDistillationModule"]
+
+
+class FrozenCLIPTeacher(nn.Module):
+    """The teacher provider: a :class:`PromptedCLIP` in eval mode at every moment, without gradients, with its
+    text features cached per weights and class list. ``forward(images, class_names) -> logits [B, C]``."""
+
+    def __init__(self, model: PromptedCLIP, cache_dir: str | None = None):
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        self.cache = TextFeatureCache(cache_dir)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenCLIPTeacher:
+        return super().train(False)
+
+    def text_features(self, class_names: list[str]) -> Tensor:
+        return self.cache.get(self.model, class_names)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, class_names: list[str]) -> Tensor:
+        text = self.text_features(class_names)
+        return self.model(images, text.to(images.dtype))
+
+
+class PromptDistillationModule(BaseToNewTask):
+    """Prompt distillation on base-to-new data.
+
+    Args:
+        student_arch, student_pretrained: the student CLIP (paper: ``ViT-B-16-quickgelu``, OpenAI weights).
+        student_vision_tokens, student_vision_depth: its deep vision prompts (PromptKD: 4, 9).
+        teacher_arch, teacher_pretrained: the teacher CLIP (paper: ``ViT-L-14-quickgelu``, OpenAI weights).
+        teacher_ckpt: the teacher's prompts: a ``PromptTuningModule`` checkpoint or a PromptKD teacher
+            (``model-best.pth.tar``, needs ``teacher_ckpt_trusted: true``). Required for ``fit``.
+        teacher_prompt_prefix, teacher_text_depth, teacher_vision_tokens, teacher_vision_depth: the teacher's
+            prompt layout (must match its checkpoint; PromptKD: "a photo of a", 9, 4, 9).
+        head: the KD head (default ``KD(temperature=1)``, forward KL); any head and divergence of
+            :mod:`abkd_vision.heads` / :mod:`abkd_vision.losses`.
+        kd_weight: lambda (our heads average over the batch, with T^2 where the head has it; see the README for
+            the mapping from PromptKD's and ABKD's conventions).
+        kd_warmup_epochs: the loss is scaled by min((epoch + 1) / kd_warmup_epochs, 1) (0 = off).
+        evaluate_teacher: measure the teacher's base/new accuracy once when fitting starts.
+        text_cache_dir: on-disk cache of the teacher's text features (reused across runs with the same teacher).
+        Other args: see :class:`BaseToNewTask` (defaults: PromptKD's SGD lr 0.005, 1 warm-up epoch at 1e-5, cosine).
+    """
+
+    def __init__(self, student_arch: str = "ViT-B-16-quickgelu", student_pretrained: str | None = "openai",
+                 student_vision_tokens: int = 4, student_vision_depth: int = 9,
+                 teacher_arch: str = "ViT-L-14-quickgelu", teacher_pretrained: str | None = "openai",
+                 teacher_ckpt: str | None = None, teacher_ckpt_trusted: bool = False,
+                 teacher_prompt_prefix: str = "a photo of a", teacher_text_depth: int = 9,
+                 teacher_vision_tokens: int = 4, teacher_vision_depth: int = 9,
+                 head: DistillationHead | None = None, kd_weight: float = 1.0, kd_warmup_epochs: int = 0,
+                 evaluate_teacher: bool = True, num_classes: int | None = None,
+                 lr: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int = 1,
+                 warmup_lr: float = 1e-5, report_epoch: str = "last", text_cache_dir: str | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["head"])
+        if kd_warmup_epochs < 0:
+            raise ValueError(f"kd_warmup_epochs must be >= 0, got {kd_warmup_epochs}")
+        if not kd_weight > 0:
+            raise ValueError(f"kd_weight must be > 0, got {kd_weight}")
+        teacher = PromptedCLIP(teacher_arch, teacher_pretrained, teacher_prompt_prefix, True, None,
+                               teacher_text_depth, teacher_vision_tokens, teacher_vision_depth)
+        self.teacher_metadata: dict = {}
+        if teacher_ckpt is not None:
+            self.teacher_metadata = load_prompt_checkpoint(teacher, teacher_ckpt, trusted=teacher_ckpt_trusted)
+        self.teacher = FrozenCLIPTeacher(teacher, text_cache_dir)
+        self.student = PromptedImageStudent(student_arch, student_pretrained, teacher.embed_dim,
+                                            student_vision_tokens, student_vision_depth)
+        self.head = head if head is not None else KD(temperature=1.0)
+        self.kd_weight = float(kd_weight)
+        self.teacher_result: dict | None = None
+        self.init_task(lr, momentum, weight_decay, warmup_epochs, warmup_lr, report_epoch, num_classes)
+
+    # -- checks --------------------------------------------------------------------------------------------------
+    def check_classes(self, datamodule) -> None:
+        names = self.teacher_metadata.get("class_names")
+        if names is not None and list(names) != self.class_names:
+            raise ValueError(
+                f"the teacher prompts in {self.hparams.teacher_ckpt} were trained for other classes ({len(names)}: "
+                f"{names[:4]}...) than the data's ({len(self.class_names)}: {self.class_names[:4]}...); use the "
+                "teacher of this dataset"
+            )
+        n_prompt = self.teacher_metadata.get("num_prompt_classes")
+        if n_prompt is not None and n_prompt != self.num_base_classes:
+            raise ValueError(
+                f"the PromptKD teacher {self.hparams.teacher_ckpt} was trained on {n_prompt} base classes but the "
+                f"data has {self.num_base_classes}; use the teacher of this dataset"
+            )
+
+    def on_fit_start(self) -> None:
+        if self.hparams.teacher_ckpt is None:
+            raise ValueError(
+                "PromptDistillationModule needs the teacher's prompts to fit: set model.init_args.teacher_ckpt to a "
+                "teacher checkpoint (train one with configs/base_to_new/teacher/<dataset>.yaml, or use PromptKD's "
+                "released model-best.pth.tar with teacher_ckpt_trusted: true)"
+            )
+        if isinstance(self.head, DKD):
+            rank_zero_info("DKD splits target and non-target classes: it uses the ground-truth labels of the "
+                           "training images (as the reference code does); the other heads use no label")
+        if self.hparams.evaluate_teacher:
+            self.teacher_result = self.evaluate_teacher()
+
+    @torch.no_grad()
+    def evaluate_teacher(self) -> dict | None:
+        """The teacher's base/new accuracy and HM on the evaluation loaders, logged once before training."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return None
+        limit = self.trainer.limit_val_batches
+        max_batches = limit if isinstance(limit, int) else None
+        result = {}
+        for group, loader in zip(("base", "new"), datamodule.val_dataloader()):
+            text = self.teacher.text_features(self.class_names)[self.group_slice(group)]
+            correct = total = 0
+            for i, (images, target) in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                images, target = images.to(self.device), target.to(self.device)
+                correct += (self.teacher.model(images, text).argmax(-1) == target).sum().item()
+                total += target.numel()
+            result[f"{group}_acc"] = correct / total if total else float("nan")
+        result["hm"] = harmonic_mean(result["base_acc"], result["new_acc"])
+        rank_zero_info(f"teacher: base {100 * result['base_acc']:.2f}%, new {100 * result['new_acc']:.2f}%, "
+                       f"HM {100 * result['hm']:.2f}%")
+        if self.logger is not None:
+            self.logger.log_metrics({f"teacher/{k}": v for k, v in result.items()}, step=0)
+        return result
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def kd_scale(self) -> float:
+        warmup = self.hparams.kd_warmup_epochs
+        return min((self.current_epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, target = batch
+        teacher_logits = self.teacher(images, self.class_names)
+        student_logits = self.student(images, self.teacher.text_features(self.class_names))
+        kd = self.head(student_logits, teacher_logits, target)
+        scale = self.kd_scale()
+        loss = self.kd_weight * scale * kd
+        self.check_finite(loss, kd=kd)
+        self.log_dict({"train/loss": loss, "train/kd": kd}, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/kd_scale", scale, on_step=False, on_epoch=True)
+        return loss
+
+    # -- evaluation ------------------------------------------------------------------------------------------------
+    def eval_logits(self, images: Tensor, group: str) -> Tensor:
+        text = self.teacher.text_features(self.class_names)[self.group_slice(group)]
+        return self.student(images, text)
+
+    def summary(self) -> dict:
+        return {**super().summary(), "teacher": self.teacher_result}
