@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from abkd_vision.lit.common import raise_if_nonfinite, write_results
+from abkd_vision.lit.common import check_nonfinite, raise_if_nonfinite, write_results
 from abkd_vision.metrics import GROUPS, BaseNewAccuracy
 
 __all__ = ["BaseToNewTask", "REPORT_EPOCHS"]
@@ -121,6 +121,9 @@ class BaseToNewTask(LightningModule):
 
     def check_finite(self, loss: Tensor, **terms: Tensor) -> None:
         raise_if_nonfinite(self, loss, **terms)
+
+    def on_train_epoch_end(self) -> None:
+        check_nonfinite(self)
 
     # -- results ---------------------------------------------------------------------------------------------------
     def summary(self) -> dict:

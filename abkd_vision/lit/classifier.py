@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from abkd_vision.lit.common import raise_if_nonfinite, write_results
+from abkd_vision.lit.common import check_nonfinite, raise_if_nonfinite, write_results
 from abkd_vision.models import create_model
 
 # The reference CIFAR recipe (CRD/RepDistiller, mdistiller) uses lr 0.01 for these light networks.
@@ -74,6 +74,9 @@ class ImageClassificationTask(LightningModule):
     def check_finite(self, loss: Tensor, **terms: Tensor) -> None:
         """Stop with a clear error if the loss is NaN/inf, naming the step and the offending terms."""
         raise_if_nonfinite(self, loss, **terms)
+
+    def on_train_epoch_end(self) -> None:
+        check_nonfinite(self)
 
     def _update(self, metrics: MetricCollection, batch) -> None:
         images, target = batch
