@@ -1,11 +1,20 @@
-"""Data layer: LightningDataModules (CIFAR-100, any ImageFolder tree), CIFAR-style transforms, and helpers
+"""Data layer: LightningDataModules (CIFAR-100, any ImageFolder tree, the 11 CLIP base-to-new datasets in the
+CoOp layout), CIFAR-style and CLIP transforms, and helpers
 that export array datasets (scikit-learn digits, CIFAR npz files) as ImageFolder trees.
 
 Every module yields batches ``(images float32 [B, 3, S, S], labels int64 [B])`` with ``S = image_size``.
 """
 
-from abkd_vision.data.base import ClassificationDataModule, make_dataloader
+from abkd_vision.data.base import ClassificationDataModule, eval_sampler, make_dataloader
+from abkd_vision.data.base_to_new import (
+    BaseToNewDataModule,
+    base_new_split,
+    clip_eval_transform,
+    clip_train_transform,
+    few_shot,
+)
 from abkd_vision.data.cifar import CIFAR100_CLASSES, CIFAR100DataModule
+from abkd_vision.data.coop import BASE_TO_NEW_DATASETS, read_coop_dataset
 from abkd_vision.data.export import (
     balanced_subset,
     digits_split,
@@ -24,6 +33,14 @@ from abkd_vision.data.transforms import (
 )
 
 __all__ = [
+    "BASE_TO_NEW_DATASETS",
+    "BaseToNewDataModule",
+    "base_new_split",
+    "clip_eval_transform",
+    "clip_train_transform",
+    "eval_sampler",
+    "few_shot",
+    "read_coop_dataset",
     "ClassificationDataModule",
     "CIFAR100_CLASSES",
     "CIFAR100_MEAN",

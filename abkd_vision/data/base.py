@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def _accelerator_available() -> bool:
@@ -12,6 +13,19 @@ def _accelerator_available() -> bool:
     if acc is not None:
         return bool(acc.is_available())
     return torch.cuda.is_available()
+
+
+def eval_sampler(dataset: Dataset, world_size: int | None = None, rank: int | None = None) -> Sampler | None:
+    """Under distributed evaluation, a sampler that splits ``dataset`` across ranks *without padding*, so every
+    sample is scored exactly once (the default DistributedSampler repeats samples to even out the ranks).
+    None when not distributed (the loader then reads in order)."""
+    if world_size is None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if world_size <= 1:
+        return None
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
 
 
 def make_dataloader(
@@ -26,12 +40,15 @@ def make_dataloader(
     """DataLoader with the suite's conventions (shared by all data modules).
 
     Pinned memory is only requested when an accelerator exists (it is useless and warns on CPU-only
-    machines); workers are kept alive between epochs when ``num_workers > 0``.
+    machines); workers are kept alive between epochs when ``num_workers > 0``. Evaluation loaders
+    (``shuffle=False``) get :func:`eval_sampler` under DDP.
     """
+    sampler = None if shuffle else eval_sampler(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=pin_memory and _accelerator_available(),

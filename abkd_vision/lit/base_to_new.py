@@ -168,10 +168,12 @@ class BaseToNewTask(LightningModule):
             del state[key]
         checkpoint["class_names"] = list(self.class_names)
         checkpoint["num_base_classes"] = self.num_base_classes
+        checkpoint["base_to_new_history"] = list(self.history)  # best/last epochs survive a resume
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The frozen weights come from `pretrained`, not from the checkpoint: put the current ones in, so that
         # Lightning's strict loading still checks every trained key.
+        self.history = list(checkpoint.get("base_to_new_history", []))
         state = checkpoint.setdefault("state_dict", {})
         keep = self.trained_state_keys()
         for key, value in self.state_dict().items():

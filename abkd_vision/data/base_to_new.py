@@ -1,0 +1,222 @@
+"""``BaseToNewDataModule``: the 11 CLIP base-to-new datasets (CoOp layout), split into base and new classes.
+
+Classes: the sorted labels are split into base = the first ceil(n/2) and new = the rest (CoOp's
+``subsample_classes``). In the full label space base classes are ``0..nb-1`` and new classes ``nb..C-1``;
+each group is relabelled from 0 for its own evaluation.
+
+Loaders (images ``float32 [B, 3, S, S]``, labels ``int64 [B]``):
+
+* train: training images of all classes (``train_classes="all"``: unlabeled use in prompt distillation, the
+  transductive setting of the PromptKD/ABKD code) with labels in ``0..C-1``, or of the base classes only
+  (``"base"``: teacher prompt tuning), optionally ``shots`` images per class drawn by ``seed``;
+* val and test: a list ``[base, new]`` over the test split (the protocol) or the val split (``eval_split="val"``),
+  labels relabelled within each group. Under DDP they use a sampler without padding (every image counts once).
+
+Transforms (CLIP, as Dassl's defaults for CoOp-style training): RandomResizedCrop(S, scale=(0.08, 1), bicubic) +
+horizontal flip for training; Resize(S, bicubic) + CenterCrop(S) for evaluation; CLIP mean/std.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import open_clip
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from abkd_vision.data.base import make_dataloader
+from abkd_vision.data.coop import BASE_TO_NEW_DATASETS, COOP_DATA_HELP, read_coop_dataset
+from abkd_vision.data.transforms import ToRGB
+
+__all__ = [
+    "BASE_TO_NEW_DATASETS",
+    "BaseToNewDataModule",
+    "base_new_split",
+    "clip_eval_transform",
+    "clip_train_transform",
+    "few_shot",
+]
+
+log = logging.getLogger(__name__)
+
+TRAIN_CLASSES = ("all", "base")
+EVAL_SPLITS = ("test", "val")
+
+
+def base_new_split(labels: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Sorted distinct labels split into base (the first ceil(n/2)) and new (the rest)."""
+    ordered = sorted(set(int(x) for x in labels))
+    n_base = math.ceil(len(ordered) / 2)
+    return ordered[:n_base], ordered[n_base:]
+
+
+def few_shot(items: list[tuple[str, int]], shots: int, seed: int) -> list[tuple[str, int]]:
+    """``shots`` items per label (in label order), drawn without replacement by ``seed``; all if fewer."""
+    if shots <= 0:
+        raise ValueError(f"shots must be a positive number of images per class, got {shots}")
+    rng = random.Random(seed)
+    by_label: dict[int, list[tuple[str, int]]] = {}
+    for item in items:
+        by_label.setdefault(item[1], []).append(item)
+    out = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        out += group if len(group) <= shots else rng.sample(group, shots)
+    return out
+
+
+def clip_train_transform(image_size: int = 224, crop_scale: Sequence[float] = (0.08, 1.0)) -> T.Compose:
+    lo, hi = (float(x) for x in crop_scale)
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(crop_scale)}")
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    return T.Compose([ToRGB(), T.RandomResizedCrop(image_size, scale=(lo, hi),
+                                                   interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def clip_eval_transform(image_size: int = 224) -> T.Compose:
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    return T.Compose([ToRGB(), T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+class ImageList(Dataset):
+    """``(transform(image), label)`` for a list of ``(path, label)``; ``relabel`` maps dataset labels."""
+
+    def __init__(self, items: list[tuple[str, int]], transform: Callable, relabel: dict[int, int] | None = None):
+        self.items = items
+        self.transform = transform
+        self.relabel = relabel
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, label = self.items[index]
+        with Image.open(path) as img:
+            image = self.transform(img.convert("RGB"))
+        return image, self.relabel[label] if self.relabel is not None else label
+
+
+class BaseToNewDataModule(L.LightningDataModule):
+    """One of the 11 datasets in the CoOp layout, with base/new classes.
+
+    Args:
+        dataset: one of ImageNet, Caltech101, OxfordPets, StanfordCars, Flowers102, Food101, FGVCAircraft,
+            SUN397, DTD, EuroSAT, UCF101.
+        root: the folder holding the CoOp dataset folders (``<root>/eurosat/...``).
+        train_classes: "all" (unlabeled images of every class, the reference protocol) or "base".
+        shots: images per class for training (teachers: 16); None = all.
+        seed: the few-shot draw; None = ``torch.initial_seed()`` at setup, i.e. the run's ``seed_everything``.
+        eval_split: "test" (the protocol: base/new test accuracy) or "val" (the held-out val split).
+        image_size, batch_size, eval_batch_size, num_workers, pin_memory, drop_last: as usual.
+        crop_scale: area range of the training RandomResizedCrop (Dassl's default (0.08, 1)).
+        train_transform, eval_transform: replacements for the CLIP transforms (PIL image -> tensor).
+
+    ``class_names`` (cleaned, label order), ``base_class_names``, ``new_class_names`` and the counts are read at
+    construction from the class list (no image is listed or opened), so the CLI can link them.
+    """
+
+    def __init__(self, dataset: str, root: str = "data", train_classes: str = "all", shots: int | None = None,
+                 seed: int | None = None, eval_split: str = "test", image_size: int = 224, batch_size: int = 8,
+                 eval_batch_size: int = 100, num_workers: int = 8, pin_memory: bool = True, drop_last: bool = False,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), train_transform: Callable | None = None,
+                 eval_transform: Callable | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
+        if train_classes not in TRAIN_CLASSES:
+            raise ValueError(f"train_classes must be one of {TRAIN_CLASSES}, got {train_classes!r}")
+        if eval_split not in EVAL_SPLITS:
+            raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {eval_split!r}")
+        if shots is not None and shots <= 0:
+            raise ValueError(f"shots must be a positive number of images per class or null (all), got {shots}")
+        if batch_size <= 0 or eval_batch_size <= 0 or num_workers < 0:
+            raise ValueError(f"need positive batch sizes and num_workers >= 0, got {batch_size=}, "
+                             f"{eval_batch_size=}, {num_workers=}")
+        self.dataset_name, self.root = dataset, root
+        self.train_classes, self.eval_split = train_classes, eval_split
+        info = read_coop_dataset(root, dataset, list_images=False)
+        self.class_names: list[str] = info.class_names
+        self.base_labels, self.new_labels = base_new_split(range(len(self.class_names)))
+        self.train_transform = train_transform or clip_train_transform(image_size, crop_scale)
+        self.eval_transform = eval_transform or clip_eval_transform(image_size)
+        self.train_set: Dataset | None = None
+        self.eval_sets: list[Dataset] | None = None
+
+    # -- classes ---------------------------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_base_classes(self) -> int:
+        return len(self.base_labels)
+
+    @property
+    def num_new_classes(self) -> int:
+        return len(self.new_labels)
+
+    @property
+    def base_class_names(self) -> list[str]:
+        return [self.class_names[i] for i in self.base_labels]
+
+    @property
+    def new_class_names(self) -> list[str]:
+        return [self.class_names[i] for i in self.new_labels]
+
+    # -- images ----------------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.eval_sets is not None and (self.train_set is not None or stage not in (None, "fit")):
+            return
+        data = read_coop_dataset(self.root, self.dataset_name, list_images=True)
+        if data.class_names != self.class_names:
+            raise ValueError(f"the class list of {data.root} changed since the data module was built")
+        splits = data.splits
+        for split in ("train", self.eval_split):
+            missing = [p for p, _ in splits[split][:1] + splits[split][-1:] if not os.path.isfile(p)]
+            if not splits[split]:
+                raise FileNotFoundError(f"{self.dataset_name}: the {split} split lists no image; {COOP_DATA_HELP}")
+            if missing:
+                raise FileNotFoundError(f"{self.dataset_name}: image file not found: {missing[0]}; {COOP_DATA_HELP}")
+        if stage in (None, "fit"):
+            items = splits["train"]
+            if self.train_classes == "base":
+                keep = set(self.base_labels)
+                items = [it for it in items if it[1] in keep]
+            if self.hparams.shots is not None:
+                seed = self.hparams.seed if self.hparams.seed is not None else torch.initial_seed()
+                items = few_shot(items, self.hparams.shots, int(seed) % 2**32)
+            self.train_set = ImageList(items, self.train_transform)
+        groups = []
+        for labels in (self.base_labels, self.new_labels):
+            relabel = {label: i for i, label in enumerate(labels)}
+            groups.append(ImageList([it for it in splits[self.eval_split] if it[1] in relabel], self.eval_transform,
+                                    relabel))
+        self.eval_sets = groups
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before requesting a dataloader")
+        hp = self.hparams
+        return make_dataloader(dataset, batch_size=hp.batch_size if train else hp.eval_batch_size, shuffle=train,
+                               drop_last=hp.drop_last if train else False, num_workers=hp.num_workers,
+                               pin_memory=hp.pin_memory)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if self.eval_sets is None:
+            raise RuntimeError("call setup() before requesting a dataloader")
+        return [self._loader(ds, train=False) for ds in self.eval_sets]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
