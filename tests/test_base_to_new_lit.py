@@ -212,3 +212,27 @@ def test_prompt_tuning_learns_real_base_classes(tmp_path):
                     "--model.init_args.scl_logits_weight", "0", "--trainer.max_epochs", "10"])
     base = cli.model.history[-1]["base_acc"]
     assert base > 0.28, f"base accuracy {base:.3f} does not beat chance (0.2) clearly"
+
+
+def test_two_process_evaluation_counts_every_test_image_once(eurosat, tmp_path):
+    """Zero-shot test under DDP (2 CPU processes, gloo) gives exactly the single-process accuracies: 15 base and
+    15 new test images split 8/7 across ranks, none repeated (a padding sampler would score 16 per group)."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from abkd_vision.data import BaseToNewDataModule
+
+    def run(devices: int, name: str) -> dict:
+        torch.manual_seed(0)
+        module = PromptTuningModule("abkd-tiny-vit-quickgelu", None, learn_ctx=False, text_depth=0, vision_depth=0)
+        data = BaseToNewDataModule("EuroSAT", root=str(eurosat), image_size=32, eval_batch_size=4, num_workers=0)
+        trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                          logger=CSVLogger(tmp_path, name=name, version=0), enable_progress_bar=False,
+                          enable_model_summary=False)
+        trainer.test(module, datamodule=data)
+        return json.loads((tmp_path / name / "version_0" / "results.json").read_text())["test"]
+
+    single, ddp = run(1, "single"), run(2, "ddp")
+    assert ddp == pytest.approx(single, abs=1e-6)
+    for acc in (single["base_acc"], single["new_acc"]):
+        assert acc * 15 == pytest.approx(round(acc * 15), abs=1e-4)
