@@ -8,8 +8,11 @@ gets ``config.yaml`` (the fully resolved config) and ``versions.json`` (library 
 from __future__ import annotations
 
 import json
+import logging
 import platform
+import re
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -24,6 +27,28 @@ import abkd_vision.models  # noqa: F401
 
 _PACKAGES = ("abkd-vision", "torch", "torchvision", "lightning", "timm", "torchmetrics", "open_clip_torch",
              "jsonargparse", "omegaconf", "numpy")
+
+
+# The frozen teachers and CLIP encoders are in eval mode on purpose; Lightning warns about any such module.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+_CHATTER = re.compile(r"^(💡 Tip|GPU available|TPU available|HPU available|Seed set to|`Trainer\.fit` stopped)")
+
+
+class _DropChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _CHATTER.match(record.getMessage())
+
+
+def quiet_lightning() -> None:
+    """Keep library chatter (tips, device banners, deprecation warnings from dependencies) out of the console;
+    the suite's own messages (teacher accuracy, results) stay. Used by ``make demo``."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).addFilter(_DropChatter())
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 
 
 def library_versions() -> dict:

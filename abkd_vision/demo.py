@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from abkd_vision.cli import main as cli_main
+from abkd_vision.cli import quiet_lightning
 from abkd_vision.data import export_digits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=None, help="override max_epochs of every run")
     parser.add_argument("--accelerator", default="auto")
     args = parser.parse_args(argv)
+    quiet_lightning()
 
     out = args.out.resolve()
     for name in ("teacher", *STUDENTS):  # rerunning starts clean instead of appending version_1, ...
