@@ -140,13 +140,14 @@ class PromptDistillationModule(BaseToNewTask):
         result = {}
         for group, loader in zip(("base", "new"), datamodule.val_dataloader()):
             text = self.teacher.text_features(self.class_names)[self.group_slice(group)]
-            correct = total = 0
+            counts = torch.zeros(2, dtype=torch.long, device=self.device)  # correct, total
             for i, (images, target) in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
                 images, target = images.to(self.device), target.to(self.device)
-                correct += (self.teacher.model(images, text).argmax(-1) == target).sum().item()
-                total += target.numel()
+                counts[0] += (self.teacher.model(images, text).argmax(-1) == target).sum()
+                counts[1] += target.numel()
+            correct, total = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()  # every rank's share
             result[f"{group}_acc"] = correct / total if total else float("nan")
         result["hm"] = harmonic_mean(result["base_acc"], result["new_acc"])
         rank_zero_info(f"teacher: base {100 * result['base_acc']:.2f}%, new {100 * result['new_acc']:.2f}%, "
