@@ -17,13 +17,14 @@ from importlib import metadata
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 # Imported so that configs can name classes by their short names and the models are registered.
 import abkd_vision.data  # noqa: F401
 import abkd_vision.heads  # noqa: F401
 import abkd_vision.losses  # noqa: F401
 import abkd_vision.models  # noqa: F401
+from abkd_vision.io import atomic_write
 
 _PACKAGES = ("abkd-vision", "torch", "torchvision", "lightning", "timm", "torchmetrics", "open_clip_torch",
              "jsonargparse", "omegaconf", "numpy")
@@ -62,15 +63,23 @@ def library_versions() -> dict:
 
 
 class RecordVersions(Callback):
-    """Write ``versions.json`` next to the run's ``config.yaml``."""
+    """Write ``versions.json`` next to the run's ``config.yaml`` (only into a logger's run directory)."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        log_dir = trainer.log_dir  # a collective under DDP: every rank asks, only rank 0 writes
+        # Without a logger trainer.log_dir is the working folder: a run writes only into its own run folder.
+        log_dir = trainer.log_dir if trainer.logger is not None else None  # a collective under DDP
         if log_dir is None or not trainer.is_global_zero:
             return
-        path = Path(log_dir) / "versions.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(library_versions(), indent=2) + "\n")
+        atomic_write(Path(log_dir) / "versions.json", json.dumps(library_versions(), indent=2) + "\n")
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml``, written only into a logger's run directory (never the working folder)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
 
 
 class DistillationCLI(LightningCLI):
@@ -86,6 +95,7 @@ def main(args: list[str] | None = None, run: bool = True) -> DistillationCLI:
         subclass_mode_data=True,
         seed_everything_default=0,
         trainer_defaults={"callbacks": [RecordVersions()]},
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,

@@ -1,6 +1,6 @@
 """Data layer: LightningDataModules (CIFAR-100, any ImageFolder tree, the 11 CLIP base-to-new datasets in the
 CoOp layout), CIFAR-style and CLIP transforms, and helpers
-that export array datasets (scikit-learn digits, CIFAR npz files) as ImageFolder trees.
+that export array datasets (scikit-learn digits, CIFAR npz files) as ImageFolder trees or CoOp-layout datasets.
 
 Every module yields batches ``(images float32 [B, 3, S, S], labels int64 [B])`` with ``S = image_size``.
 """
@@ -24,6 +24,7 @@ from abkd_vision.data.export import (
     load_digits_uint8,
 )
 from abkd_vision.data.image_folder import ImageFolderDataModule, list_classes
+from abkd_vision.data.synthetic import export_arrays_as_coop, write_fake_coop_dataset
 from abkd_vision.data.transforms import (
     CIFAR100_MEAN,
     CIFAR100_STD,
@@ -39,6 +40,7 @@ __all__ = [
     "clip_eval_transform",
     "clip_train_transform",
     "eval_sampler",
+    "export_arrays_as_coop",
     "few_shot",
     "read_coop_dataset",
     "ClassificationDataModule",
@@ -58,4 +60,5 @@ __all__ = [
     "list_classes",
     "load_digits_uint8",
     "make_dataloader",
+    "write_fake_coop_dataset",
 ]

@@ -25,6 +25,10 @@ def eval_sampler(dataset: Dataset, world_size: int | None = None, rank: int | No
         world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if world_size <= 1:
         return None
+    if 0 < len(dataset) < world_size:
+        raise ValueError(f"an evaluation set of {len(dataset)} samples cannot be split over {world_size} processes "
+                         "without repeating samples (some would get none); use at most "
+                         f"{len(dataset)} devices for evaluation")
     return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
 
 

@@ -9,8 +9,13 @@ Loaders (images ``float32 [B, 3, S, S]``, labels ``int64 [B]``):
 * train: training images of all classes (``train_classes="all"``: unlabeled use in prompt distillation, the
   transductive setting of the PromptKD/ABKD code) with labels in ``0..C-1``, or of the base classes only
   (``"base"``: teacher prompt tuning), optionally ``shots`` images per class drawn by ``seed``;
-* val and test: a list ``[base, new]`` over the test split (the protocol) or the val split (``eval_split="val"``),
-  labels relabelled within each group. Under DDP they use a sampler without padding (every image counts once).
+* val and test: a list ``[base, new]`` over the test split (the protocol) or the val split (``eval_split="val"``;
+  the whole val split, where Dassl's few-shot runs keep min(shots, 4) val images per class), labels relabelled
+  within each group. Under DDP they use a sampler without padding (every image counts once).
+
+``setup`` lists the images and checks that every file a split lists exists (one directory read per folder).
+With ``seed=None`` the few-shot draw uses ``torch.initial_seed()``: under DDP call ``seed_everything`` (the CLI's
+``--seed_everything``) so that every rank draws the same images.
 
 Transforms (CLIP, as Dassl's defaults for CoOp-style training): RandomResizedCrop(S, scale=(0.08, 1), bicubic) +
 horizontal flip for training; Resize(S, bicubic) + CenterCrop(S) for evaluation; CLIP mean/std.
@@ -20,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -32,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from abkd_vision.data.base import make_dataloader
-from abkd_vision.data.coop import BASE_TO_NEW_DATASETS, COOP_DATA_HELP, read_coop_dataset
+from abkd_vision.data.coop import BASE_TO_NEW_DATASETS, COOP_DATA_HELP, missing_images, read_coop_dataset
 from abkd_vision.data.transforms import ToRGB
 
 __all__ = [
@@ -51,14 +56,21 @@ EVAL_SPLITS = ("test", "val")
 
 
 def base_new_split(labels: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Sorted distinct labels split into base (the first ceil(n/2)) and new (the rest)."""
+    """Sorted distinct labels split into base (the first ceil(n/2)) and new (the rest), as CoOp's
+    ``subsample_classes``: 37 -> 19/18, 10 -> 5/5, 1000 -> 500/500. Relabelling group ``g`` from 0 maps its
+    ``i``-th label to ``i``; with labels ``0..C-1`` new label ``j`` is full label ``len(base) + j``."""
     ordered = sorted(set(int(x) for x in labels))
     n_base = math.ceil(len(ordered) / 2)
     return ordered[:n_base], ordered[n_base:]
 
 
 def few_shot(items: list[tuple[str, int]], shots: int, seed: int) -> list[tuple[str, int]]:
-    """``shots`` items per label (in label order), drawn without replacement by ``seed``; all if fewer."""
+    """``shots`` items per label, drawn without replacement by one ``random.Random(seed)`` visiting the labels in
+    sorted order (as Dassl's ``generate_fewshot_dataset``); a label with at most ``shots`` items keeps them all.
+
+    Because base labels come first, the base classes get the same draw whether ``items`` holds all classes or only
+    the base ones.
+    """
     if shots <= 0:
         raise ValueError(f"shots must be a positive number of images per class, got {shots}")
     rng = random.Random(seed)
@@ -73,6 +85,8 @@ def few_shot(items: list[tuple[str, int]], shots: int, seed: int) -> list[tuple[
 
 
 def clip_train_transform(image_size: int = 224, crop_scale: Sequence[float] = (0.08, 1.0)) -> T.Compose:
+    """PIL image (any mode) -> ``float32 [3, S, S]``: RGB, RandomResizedCrop(S, crop_scale, bicubic), horizontal
+    flip, CLIP mean/std (Dassl's CoOp training defaults)."""
     lo, hi = (float(x) for x in crop_scale)
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(crop_scale)}")
@@ -83,6 +97,8 @@ def clip_train_transform(image_size: int = 224, crop_scale: Sequence[float] = (0
 
 
 def clip_eval_transform(image_size: int = 224) -> T.Compose:
+    """PIL image (any mode) -> ``float32 [3, S, S]``: RGB, Resize(S, bicubic; the shorter side), CenterCrop(S),
+    CLIP mean/std."""
     mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
     return T.Compose([ToRGB(), T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
@@ -136,14 +152,17 @@ class BaseToNewDataModule(L.LightningDataModule):
             raise ValueError(f"train_classes must be one of {TRAIN_CLASSES}, got {train_classes!r}")
         if eval_split not in EVAL_SPLITS:
             raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {eval_split!r}")
-        if shots is not None and shots <= 0:
-            raise ValueError(f"shots must be a positive number of images per class or null (all), got {shots}")
-        if batch_size <= 0 or eval_batch_size <= 0 or num_workers < 0:
-            raise ValueError(f"need positive batch sizes and num_workers >= 0, got {batch_size=}, "
-                             f"{eval_batch_size=}, {num_workers=}")
+        if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots <= 0):
+            raise ValueError(f"shots must be a positive number of images per class or null (all), got {shots!r}")
+        if image_size <= 0 or batch_size <= 0 or eval_batch_size <= 0 or num_workers < 0:
+            raise ValueError(f"need positive image_size and batch sizes and num_workers >= 0, got {image_size=}, "
+                             f"{batch_size=}, {eval_batch_size=}, {num_workers=}")
         self.dataset_name, self.root = dataset, root
         self.train_classes, self.eval_split = train_classes, eval_split
         info = read_coop_dataset(root, dataset, list_images=False)
+        if dataset == "ImageNet" and eval_split == "val":
+            warnings.warn("ImageNet has no val split in the CoOp layout: eval_split='val' evaluates on its test images "
+                          "(images/val), as CoOp does; it is not a held-out split", stacklevel=2)
         self.class_names: list[str] = info.class_names
         self.base_labels, self.new_labels = base_new_split(range(len(self.class_names)))
         self.train_transform = train_transform or clip_train_transform(image_size, crop_scale)
@@ -174,19 +193,29 @@ class BaseToNewDataModule(L.LightningDataModule):
 
     # -- images ----------------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.eval_sets is not None and (self.train_set is not None or stage not in (None, "fit")):
+        """List the images of the splits ``stage`` needs (fit: train + eval split; otherwise the eval split) and
+        check that every listed image file exists (FileNotFoundError naming the missing paths)."""
+        need_train = stage in (None, "fit")
+        if self.eval_sets is not None and (self.train_set is not None or not need_train):
             return
         data = read_coop_dataset(self.root, self.dataset_name, list_images=True)
         if data.class_names != self.class_names:
             raise ValueError(f"the class list of {data.root} changed since the data module was built")
         splits = data.splits
-        for split in ("train", self.eval_split):
-            missing = [p for p, _ in splits[split][:1] + splits[split][-1:] if not os.path.isfile(p)]
-            if not splits[split]:
-                raise FileNotFoundError(f"{self.dataset_name}: the {split} split lists no image; {COOP_DATA_HELP}")
+        for split in (("train", self.eval_split) if need_train else (self.eval_split,)):
+            items = splits[split]
+            if not items:
+                raise FileNotFoundError(f"{self.dataset_name}: the {split} split of {data.root} lists no image; "
+                                        f"{COOP_DATA_HELP}")
+            if self.dataset_name == "ImageNet":
+                continue  # listed from the class folders: the files exist
+            missing = missing_images(p for p, _ in items)
             if missing:
-                raise FileNotFoundError(f"{self.dataset_name}: image file not found: {missing[0]}; {COOP_DATA_HELP}")
-        if stage in (None, "fit"):
+                shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+                raise FileNotFoundError(f"{self.dataset_name}: {len(missing)} of the {len(items)} {split} images "
+                                        f"listed in {data.root} are missing, e.g. image file not found: {shown}; "
+                                        f"{COOP_DATA_HELP}")
+        if need_train:
             items = splits["train"]
             if self.train_classes == "base":
                 keep = set(self.base_labels)
@@ -195,6 +224,8 @@ class BaseToNewDataModule(L.LightningDataModule):
                 seed = self.hparams.seed if self.hparams.seed is not None else torch.initial_seed()
                 items = few_shot(items, self.hparams.shots, int(seed) % 2**32)
             self.train_set = ImageList(items, self.train_transform)
+            log.info("%s: %d training images (%s classes, shots=%s)", self.dataset_name, len(items),
+                     self.train_classes, self.hparams.shots)
         groups = []
         for labels in (self.base_labels, self.new_labels):
             relabel = {label: i for i, label in enumerate(labels)}

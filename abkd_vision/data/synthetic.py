@@ -21,11 +21,30 @@ from abkd_vision.data.coop import EUROSAT_CLASS_NAMES, LAYOUTS, SPLITS, _check_d
 __all__ = ["export_arrays_as_coop", "write_fake_coop_dataset"]
 
 
+def _check_names(dataset: str, names: Sequence[str]) -> list[str]:
+    """Class names must fit on one line of a text file and, for split-JSON datasets (where they name the image
+    folders), be one folder name. FGVCAircraft's "F/A-18" is fine: its images are named by id."""
+    names = [str(n) for n in names]
+    as_folder = LAYOUTS[dataset].split_file is not None
+    for n in names:
+        if not n.strip() or n != n.strip() or "\n" in n or "\r" in n:
+            raise ValueError(f"class name {n!r} cannot be written: it must be one line without leading/trailing "
+                             "space")
+        if as_folder and (n in (".", "..") or "/" in n or "\\" in n):
+            raise ValueError(f"class name {n!r} cannot be written for {dataset}: it names an image folder (no path "
+                             "separator)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names must be distinct, got {names}")
+    return names
+
+
 def _raw_names(dataset: str, num_classes: int, class_names: Sequence[str] | None) -> list[str]:
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
     if class_names is not None:
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}")
-        return list(class_names)
+        return _check_names(dataset, class_names)
     if dataset == "EuroSAT" and num_classes == len(EUROSAT_CLASS_NAMES):
         return list(EUROSAT_CLASS_NAMES)  # the raw folder names, cleaned by the reader
     return [f"class_{i:03d}" for i in range(num_classes)]
@@ -75,15 +94,26 @@ def _write(dataset: str, root: Path, names: list[str], images: dict[str, list[tu
 def write_fake_coop_dataset(root: str | os.PathLike, dataset: str, num_classes: int, train_per_class: int = 4,
                             test_per_class: int = 2, val_per_class: int = 1, image_size: int = 32, seed: int = 0,
                             class_names: Sequence[str] | None = None) -> Path:
-    """Random images of ``num_classes`` classes in the CoOp layout of ``dataset``; returns the dataset folder.
+    """Random ``image_size``² RGB images of ``num_classes`` classes in the CoOp layout of ``dataset``; returns the
+    dataset folder (``<root>/<folder>``).
+
+    Files: split-JSON datasets get PNGs in ``<image folder>/<class name>/`` and ``split_zhou_<Name>.json``;
+    FGVCAircraft gets JPEGs in ``images/``, ``variants.txt`` and ``images_variant_{train,val,test}.txt``; ImageNet
+    gets ``classnames.txt`` (wnids ``n00000000``, ...) and JPEGs in ``images/{train,val}/<wnid>/`` (no val split:
+    ``val_per_class`` is ignored). Class names are written raw: ``class_names`` if given, EuroSAT's folder names
+    ("AnnualCrop", ...) for EuroSAT with 10 classes, otherwise ``class_000``, ``class_001``, ...
 
     Each class gets its own mean colour, so a model can tell classes apart (the images are otherwise noise).
     """
     _check_dataset(dataset)
     names = _raw_names(dataset, num_classes, class_names)
+    if min(train_per_class, test_per_class, val_per_class) < 0 or image_size <= 0:
+        raise ValueError(f"need non-negative image counts and a positive image_size, got {train_per_class=}, "
+                         f"{test_per_class=}, {val_per_class=}, {image_size=}")
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 256, (num_classes, 3))
-    per_split = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
+    per_split = {"train": train_per_class, "val": 0 if dataset == "ImageNet" else val_per_class,
+                 "test": test_per_class}
     images = {}
     for split, n in per_split.items():
         items = []
@@ -96,14 +126,31 @@ def write_fake_coop_dataset(root: str | os.PathLike, dataset: str, num_classes: 
 
 
 def export_arrays_as_coop(root: str | os.PathLike, dataset: str, class_names: Sequence[str],
-                          train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                          test: tuple[np.ndarray, np.ndarray]) -> Path:
-    """Write image arrays (``uint8 [N, H, W, 3]``, labels ``[N]``) in the CoOp layout of ``dataset``."""
+                          train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                          val: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
+    """Write image arrays in the CoOp layout of ``dataset``; returns the dataset folder.
+
+    ``train``, ``test`` and optionally ``val`` are ``(images uint8 [N, H, W, 3], labels int [N])`` with labels in
+    ``0..len(class_names)-1``; ``class_names`` are written raw (the readers clean them). For a split-JSON dataset,
+    image ``k`` of a split becomes ``<image folder>/<class name>/<split>_<k>.png`` (lossless) and one entry of
+    ``split_zhou_<Name>.json``; without ``val`` the JSON's val list is empty (``eval_split="val"`` then errors).
+    ImageNet has no val split and rejects ``val``.
+    """
     _check_dataset(dataset)
-    images = {}
-    for split, (x, y) in (("train", train), ("val", val), ("test", test)):
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or len(x) != len(y):
+    names = _check_names(dataset, class_names)
+    if dataset == "ImageNet" and val is not None:
+        raise ValueError("ImageNet has no val split in the CoOp layout (its val images are the test set); pass "
+                         "val=None")
+    images = {"val": []}
+    for split, pair in (("train", train), ("val", val), ("test", test)):
+        if pair is None:
+            continue
+        x, y = np.asarray(pair[0]), np.asarray(pair[1])
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or y.ndim != 1 or len(x) != len(y):
             raise ValueError(f"{split}: expected uint8 [N, H, W, 3] images and N labels, got {x.dtype} "
-                             f"{x.shape} and {len(y)} labels")
+                             f"{x.shape} and labels of shape {y.shape}")
+        if len(y) and (y.min() < 0 or y.max() >= len(names)):
+            raise ValueError(f"{split}: labels must be in 0..{len(names) - 1} (one per class name), got "
+                             f"{int(y.min())}..{int(y.max())}")
         images[split] = [(img, int(label)) for img, label in zip(x, y)]
-    return _write(dataset, Path(root), list(class_names), images)
+    return _write(dataset, Path(root), names, images)

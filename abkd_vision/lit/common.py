@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+
+from abkd_vision.io import atomic_write
 
 __all__ = ["NonFiniteGuard", "check_nonfinite", "raise_if_nonfinite", "write_results"]
 
@@ -90,11 +90,6 @@ def write_results(module: LightningModule, summary: dict, name: str = "results.j
     log_dir = trainer.log_dir if trainer.logger is not None else None
     if log_dir is None or not trainer.is_global_zero:
         return None
-    path = Path(log_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    path = atomic_write(Path(log_dir) / name, json.dumps(summary, indent=2) + "\n")
     rank_zero_info(f"results written to {path}: {summary}")
     return path

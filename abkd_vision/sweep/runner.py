@@ -22,8 +22,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from abkd_vision.io import atomic_write
 from abkd_vision.sweep.grid import Run
-from abkd_vision.sweep.tables import atomic_write, collect_rows, read_result, write_outputs
+from abkd_vision.sweep.tables import collect_rows, read_result, write_outputs
 
 __all__ = ["SweepOptions", "execute_run", "run_sweep"]
 

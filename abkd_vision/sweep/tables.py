@@ -16,12 +16,11 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from abkd_vision.io import atomic_write
 from abkd_vision.metrics import harmonic_mean
 
 __all__ = ["average_row", "collect_rows", "mean_std", "read_result", "write_outputs"]
@@ -29,14 +28,6 @@ __all__ = ["average_row", "collect_rows", "mean_std", "read_result", "write_outp
 CSV_FIELDS = ("run_id", "method", "setting", "seed", "overrides", "status", "kind", "best_top1", "last_top1",
               "base", "new", "hm", "last_base", "last_new", "last_hm", "best_base_base", "best_base_new",
               "best_base_hm", "run_dir", "log")
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def read_result(run_dir: Path) -> dict | None:

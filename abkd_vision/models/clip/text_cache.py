@@ -18,11 +18,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from abkd_vision.io import atomic_write_with
 
 __all__ = ["TextFeatureCache", "TextFeatureMismatchError", "weights_fingerprint"]
 
@@ -99,16 +100,8 @@ class TextFeatureCache:
 
 def save_text_features(path: str | os.PathLike, features: Tensor, class_names: list[str]) -> None:
     """Write ``{"features", "class_names"}`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"features": features.detach().cpu(), "class_names": list(class_names)}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_with(path, lambda tmp: torch.save({"features": features.detach().cpu(),
+                                                    "class_names": list(class_names)}, tmp))
 
 
 def load_text_features(path: str | os.PathLike, class_names: list[str]) -> Tensor:
