@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from abkd_vision.lit.common import check_nonfinite, raise_if_nonfinite, write_results
+from abkd_vision.lit.common import GuardedTraining, write_results
 from abkd_vision.metrics import GROUPS, BaseNewAccuracy
 
 __all__ = ["BaseToNewTask", "REPORT_EPOCHS"]
@@ -29,11 +29,13 @@ __all__ = ["BaseToNewTask", "REPORT_EPOCHS"]
 REPORT_EPOCHS = ("last", "best_base")
 
 
-class BaseToNewTask(LightningModule):
+class BaseToNewTask(GuardedTraining, LightningModule):
     """Base of the base-to-new LightningModules. Subclasses implement ``eval_logits(images, group)``."""
 
     def init_task(self, lr: float, momentum: float, weight_decay: float, warmup_epochs: int, warmup_lr: float,
-                  report_epoch: str, num_classes: int | None) -> None:
+                  report_epoch: str, num_classes: int | None, nonfinite: str = "raise",
+                  max_skipped_steps: int = 100) -> None:
+        self.init_guard(nonfinite, max_skipped_steps)
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a positive number, got {lr}")
         if warmup_epochs < 0 or not (warmup_lr > 0 and math.isfinite(warmup_lr)):
@@ -118,12 +120,6 @@ class BaseToNewTask(LightningModule):
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-    def check_finite(self, loss: Tensor, **terms: Tensor) -> None:
-        raise_if_nonfinite(self, loss, **terms)
-
-    def on_train_epoch_end(self) -> None:
-        check_nonfinite(self)
 
     # -- results ---------------------------------------------------------------------------------------------------
     def summary(self) -> dict:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from abkd_vision.lit.common import check_nonfinite, raise_if_nonfinite, write_results
+from abkd_vision.lit.common import GuardedTraining, write_results
 from abkd_vision.models import create_model
 
 # The reference CIFAR recipe (CRD/RepDistiller, mdistiller) uses lr 0.01 for these light networks.
@@ -42,7 +42,7 @@ def mean_entropy(logits: Tensor) -> Tensor:
     return -(log_q.exp() * log_q).sum(dim=-1).mean()
 
 
-class ImageClassificationTask(LightningModule):
+class ImageClassificationTask(GuardedTraining, LightningModule):
     """What the image-classification modules share; subclasses build the network(s).
 
     Subclasses call ``save_hyperparameters()`` (which must include lr, momentum, weight_decay, nesterov,
@@ -52,7 +52,9 @@ class ImageClassificationTask(LightningModule):
 
     network_attr = "model"  # attribute holding the trained network (its checkpoint key prefix)
 
-    def init_task(self, network_name: str, num_classes: int, lr: float | None) -> None:
+    def init_task(self, network_name: str, num_classes: int, lr: float | None, nonfinite: str = "raise",
+                  max_skipped_steps: int = 100) -> None:
+        self.init_guard(nonfinite, max_skipped_steps)
         self.num_classes = num_classes
         self.lr = float(lr) if lr is not None else default_lr(network_name)
         if self.lr <= 0 or not math.isfinite(self.lr):
@@ -70,13 +72,6 @@ class ImageClassificationTask(LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.network(images)
-
-    def check_finite(self, loss: Tensor, **terms: Tensor) -> None:
-        """Stop with a clear error if the loss is NaN/inf, naming the step and the offending terms."""
-        raise_if_nonfinite(self, loss, **terms)
-
-    def on_train_epoch_end(self) -> None:
-        check_nonfinite(self)
 
     def _update(self, metrics: MetricCollection, batch) -> None:
         images, target = batch
@@ -157,22 +152,24 @@ class ClassifierModule(ImageClassificationTask):
         momentum, weight_decay, nesterov: SGD settings (reference: 0.9, 5e-4, False).
         lr_milestones: epochs at which the lr is multiplied by ``lr_decay`` (reference: 150, 180, 210; 0.1).
         label_smoothing: for the cross-entropy term.
+        nonfinite, max_skipped_steps: what a NaN/inf loss does: "raise" (stop, saving a checkpoint to resume
+            from) or "skip" the step, at most ``max_skipped_steps`` times (see ``GuardedTraining``).
     """
 
     network_attr = "model"
 
     def __init__(self, model: str = "cifar_resnet32x4", num_classes: int = 100, model_kwargs: dict | None = None,
                  lr: float | None = None, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False,
-                 lr_milestones: list[int] | None = None, lr_decay: float = 0.1, label_smoothing: float = 0.0):
+                 lr_milestones: list[int] | None = None, lr_decay: float = 0.1, label_smoothing: float = 0.0,
+                 nonfinite: str = "raise", max_skipped_steps: int = 100):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
-        self.init_task(model, num_classes, lr)
+        self.init_task(model, num_classes, lr, nonfinite, max_skipped_steps)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, target = batch
         logits = self.model(images)
         ce = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
-        self.check_finite(ce, ce=ce)
         self.log_dict({"train/loss": ce, "train/ce": ce}, on_step=True, on_epoch=True, prog_bar=True)
-        return ce
+        return self.guard_loss(ce, ce=ce)

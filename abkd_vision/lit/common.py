@@ -13,18 +13,25 @@ from torch import Tensor
 
 from abkd_vision.io import atomic_write
 
-__all__ = ["NonFiniteGuard", "check_nonfinite", "raise_if_nonfinite", "write_results"]
+__all__ = ["GuardedTraining", "NONFINITE_POLICIES", "NonFiniteGuard", "save_recovery_checkpoint", "write_results"]
+
+
+NONFINITE_POLICIES = ("raise", "skip")
 
 
 class NonFiniteGuard:
-    """Stops training on a NaN/inf loss, naming the first bad step and its loss terms, without synchronising
-    the host with the device on every step.
+    """Stops training on a NaN/inf loss or gradient, naming the first bad step and its loss terms (or the first
+    parameter with a bad gradient), without synchronising the host with the device on every step.
 
-    ``record(module, loss, **terms)`` keeps, on the loss's device, the first global step whose loss was not
-    finite and the term values at that step (tensor ops only: no ``.item()``, no data-dependent branch, so a GPU
-    step never waits and ``torch.compile`` sees no graph break). ``check(module)`` reads them back (one
-    synchronisation) and raises. Modules call ``check`` every ``check_every`` steps (every step on the CPU, where
-    it costs nothing; 50 on accelerators) and at the end of every training epoch.
+    ``record(module, loss, **terms)`` and ``record_gradients(module)`` keep, on the device, the first global step
+    whose loss (or gradient) was not finite and what it was (tensor ops only: no ``.item()``, no data-dependent
+    branch, so a GPU step never waits and ``torch.compile`` sees no graph break). ``check(module)`` reads them back
+    (one synchronisation) and raises. Checks run every ``check_every`` steps (every step on the CPU, where it costs
+    nothing; 50 on accelerators) and at the end of every training epoch.
+
+    When the check runs in the step that went bad (always on the CPU), the weights are still those from before
+    it: a checkpoint ``nonfinite-step<N>.ckpt`` is saved next to the run's checkpoints to resume from (single
+    process runs; under DDP resume from ``last.ckpt``).
     """
 
     def __init__(self, check_every: int | None = None):
@@ -32,6 +39,13 @@ class NonFiniteGuard:
         self._first_step: Tensor | None = None
         self._values: Tensor | None = None
         self._names: tuple[str, ...] = ()
+        self._grad_step: Tensor | None = None
+        self._grad_index: Tensor | None = None
+        self._param_names: list[str] = []
+
+    def _due(self, module: LightningModule, device: torch.device) -> bool:
+        every = self.check_every or (1 if device.type == "cpu" else 50)
+        return (module.global_step + 1) % every == 0
 
     def record(self, module: LightningModule, loss: Tensor, **terms: Tensor) -> None:
         loss = loss.detach()
@@ -44,38 +58,113 @@ class NonFiniteGuard:
         newly = ~torch.isfinite(loss).all() & (self._first_step < 0)
         self._first_step = torch.where(newly, torch.tensor(module.global_step, device=loss.device), self._first_step)
         self._values = torch.where(newly, values, self._values)
-        every = self.check_every or (1 if loss.device.type == "cpu" else 50)
-        if (module.global_step + 1) % every == 0:
+        if self._due(module, loss.device):
+            self.check(module)
+
+    def record_gradients(self, module: LightningModule) -> None:
+        named = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        device = named[0][1].device
+        ok = torch.stack([torch.isfinite(g).all().to(device) for _, g in named])
+        if self._grad_step is None or self._grad_step.device != device or len(self._param_names) != len(named):
+            self._grad_step = torch.full((), -1, dtype=torch.long, device=device)
+            self._grad_index = torch.zeros((), dtype=torch.long, device=device)
+            self._param_names = [n for n, _ in named]
+        newly = ~ok.all() & (self._grad_step < 0)
+        self._grad_step = torch.where(newly, torch.tensor(module.global_step, device=device), self._grad_step)
+        self._grad_index = torch.where(newly, (~ok).long().argmax(), self._grad_index)
+        if self._due(module, device):
             self.check(module)
 
     def check(self, module: LightningModule) -> None:
-        if self._first_step is None:
+        steps = [t.reshape(()).cpu() for t in (self._first_step, self._grad_step) if t is not None]
+        if not steps or max(int(t) for t in steps) < 0:  # the one synchronisation
             return
-        step = int(self._first_step)  # the one synchronisation
-        if step < 0:
-            return
-        values = self._values.tolist()
-        shown = ", ".join(f"{n}={v:.6g}" for n, v in zip(self._names[1:], values[1:]))
-        bad = [n for n, v in zip(self._names[1:], values[1:]) if not math.isfinite(v)]
+        loss_step = int(self._first_step) if self._first_step is not None else -1
+        if loss_step >= 0:
+            step = loss_step
+            values = self._values.tolist()
+            shown = ", ".join(f"{n}={v:.6g}" for n, v in zip(self._names[1:], values[1:]))
+            bad = [n for n, v in zip(self._names[1:], values[1:]) if not math.isfinite(v)]
+            what = f"non-finite loss at global step {step}"
+            detail = f": {shown}; non-finite term(s): {', '.join(bad) or 'the weighted sum'}"
+        else:
+            step = int(self._grad_step)
+            what = f"non-finite gradient at global step {step}"
+            detail = f": first in parameter {self._param_names[int(self._grad_index)]} (the loss was finite)"
         where = "" if step == module.global_step else f" (detected at step {module.global_step})"
+        saved = save_recovery_checkpoint(module, step) if step == module.global_step else None
+        resume = (f" The weights from before this step are saved in {saved}: resume with --ckpt_path {saved}."
+                  if saved else " Resume from the run's last.ckpt (its weights predate the failure).")
         raise FloatingPointError(
-            f"non-finite loss at global step {step} (epoch {module.current_epoch}){where}: {shown}; "
-            f"non-finite term(s): {', '.join(bad) or 'the weighted sum'}. Lower the learning rate or the loss "
-            "weights, or check alpha/beta (negative alpha or beta diverges where a probability underflows)."
+            f"{what} (epoch {module.current_epoch}){where}{detail}. Lower the learning rate or the loss weights, "
+            "or check alpha/beta (negative alpha or beta diverges where a probability underflows)." + resume
         )
 
 
-def raise_if_nonfinite(module: LightningModule, loss: Tensor, **terms: Tensor) -> None:
-    """Record ``loss`` in the module's :class:`NonFiniteGuard` (created on first use) and check on schedule."""
-    guard = module.__dict__.setdefault("_nonfinite_guard", NonFiniteGuard())
-    guard.record(module, loss, **terms)
+def save_recovery_checkpoint(module: LightningModule, step: int) -> Path | None:
+    """Save a resumable checkpoint before stopping on a non-finite value (single process, with a run folder)."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or trainer.world_size > 1:
+        return None
+    callback = trainer.checkpoint_callback
+    folder = getattr(callback, "dirpath", None) if callback is not None else None
+    if folder is None and trainer.logger is not None and trainer.log_dir is not None:
+        folder = Path(trainer.log_dir) / "checkpoints"
+    if folder is None:
+        return None
+    path = Path(folder) / f"nonfinite-step{step}.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(path)
+    return path
 
 
-def check_nonfinite(module: LightningModule) -> None:
-    """Raise now if any recorded step had a non-finite loss (called at the end of each training epoch)."""
-    guard = module.__dict__.get("_nonfinite_guard")
-    if guard is not None:
-        guard.check(module)
+class GuardedTraining:
+    """Mixin of the suite's LightningModules: the non-finite loss/gradient guard and its policy.
+
+    ``nonfinite_policy`` "raise" (default) stops the run (see :class:`NonFiniteGuard`); "skip" skips every step
+    whose loss is not finite (no backward, no optimiser step; it costs one synchronisation per step), counts them
+    in ``train/skipped_steps``, and stops after ``max_skipped_steps``. Non-finite gradients always stop the run.
+    """
+
+    nonfinite_policy: str = "raise"
+    max_skipped_steps: int = 100
+
+    def init_guard(self, policy: str, max_skipped_steps: int) -> None:
+        if policy not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
+        if max_skipped_steps < 0:
+            raise ValueError(f"max_skipped_steps must be >= 0, got {max_skipped_steps}")
+        self.nonfinite_policy, self.max_skipped_steps = policy, int(max_skipped_steps)
+        self.nonfinite_guard = NonFiniteGuard()
+        self.skipped_steps = 0
+
+    def guard_loss(self, loss: Tensor, **terms: Tensor) -> Tensor | None:
+        """The loss to return from ``training_step``, or None to skip this step (policy "skip")."""
+        if self.nonfinite_policy == "skip":
+            if bool(torch.isfinite(loss).all()):
+                return loss
+            self.skipped_steps += 1
+            shown = ", ".join(f"{n}={float(v):.6g}" for n, v in terms.items())
+            rank_zero_info(f"skipping step {self.global_step}: non-finite loss ({shown}); "
+                           f"{self.skipped_steps} skipped so far")
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+            if self.skipped_steps > self.max_skipped_steps:
+                raise FloatingPointError(
+                    f"{self.skipped_steps} training steps had a non-finite loss (more than max_skipped_steps="
+                    f"{self.max_skipped_steps}), the last at global step {self.global_step}: {shown}. Lower the "
+                    "learning rate or the loss weights, or check alpha/beta."
+                )
+            return None
+        self.nonfinite_guard.record(self, loss, **terms)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.nonfinite_guard.record_gradients(self)
+
+    def on_train_epoch_end(self) -> None:
+        self.nonfinite_guard.check(self)
 
 
 def write_results(module: LightningModule, summary: dict, name: str = "results.json") -> Path | None:

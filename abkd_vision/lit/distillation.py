@@ -57,7 +57,7 @@ class DistillationModule(ImageClassificationTask):
         evaluate_teacher: measure the teacher's validation accuracy once when fitting starts (published
             teachers have been found weaker than claimed).
         Other args: as in ``ClassifierModule`` (SGD recipe; lr None -> 0.05, 0.01 for MobileNet/ShuffleNet
-        students).
+        students; ``nonfinite``/``max_skipped_steps``: the NaN/inf policy).
     """
 
     network_attr = "student"
@@ -68,7 +68,7 @@ class DistillationModule(ImageClassificationTask):
                  kd_warmup_epochs: int = 0, evaluate_teacher: bool = True, student_kwargs: dict | None = None,
                  lr: float | None = None, momentum: float = 0.9, weight_decay: float = 5e-4,
                  nesterov: bool = False, lr_milestones: list[int] | None = None, lr_decay: float = 0.1,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, nonfinite: str = "raise", max_skipped_steps: int = 100):
         super().__init__()
         self.save_hyperparameters(ignore=["head"])
         self.student = create_model(student, num_classes=num_classes, **(student_kwargs or {}))
@@ -81,7 +81,7 @@ class DistillationModule(ImageClassificationTask):
         if kd_warmup_epochs < 0:
             raise ValueError(f"kd_warmup_epochs must be >= 0, got {kd_warmup_epochs}")
         self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
-        self.init_task(student, num_classes, lr)
+        self.init_task(student, num_classes, lr, nonfinite, max_skipped_steps)
         self.teacher_val_acc1: float | None = None
 
     # -- training ----------------------------------------------------------------------------------------
@@ -97,12 +97,11 @@ class DistillationModule(ImageClassificationTask):
         kd = self.head(student_logits, teacher_logits, target)
         scale = self.kd_scale()
         loss = self.ce_weight * ce + self.kd_weight * scale * kd
-        self.check_finite(loss, ce=ce, kd=kd)
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/kd": kd}, on_step=True, on_epoch=True,
                       prog_bar=True)
         self.log_dict({"train/kd_scale": scale, "train/student_entropy": mean_entropy(student_logits.detach())},
                       on_step=False, on_epoch=True, sync_dist=True)
-        return loss
+        return self.guard_loss(loss, ce=ce, kd=kd)
 
     # -- teacher checks ----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

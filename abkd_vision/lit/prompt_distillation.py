@@ -68,7 +68,8 @@ class PromptDistillationModule(BaseToNewTask):
         kd_warmup_epochs: the loss is scaled by min((epoch + 1) / kd_warmup_epochs, 1) (0 = off).
         evaluate_teacher: measure the teacher's base/new accuracy once when fitting starts.
         text_cache_dir: on-disk cache of the teacher's text features (reused across runs with the same teacher).
-        Other args: see :class:`BaseToNewTask` (defaults: PromptKD's SGD lr 0.005, 1 warm-up epoch at 1e-5, cosine).
+        Other args: see :class:`BaseToNewTask` (defaults: PromptKD's SGD lr 0.005, 1 warm-up epoch at 1e-5, cosine;
+            ``nonfinite``/``max_skipped_steps``: the NaN/inf policy).
     """
 
     def __init__(self, student_arch: str = "ViT-B-16-quickgelu", student_pretrained: str | None = "openai",
@@ -80,7 +81,8 @@ class PromptDistillationModule(BaseToNewTask):
                  head: DistillationHead | None = None, kd_weight: float = 1.0, kd_warmup_epochs: int = 0,
                  evaluate_teacher: bool = True, num_classes: int | None = None,
                  lr: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int = 1,
-                 warmup_lr: float = 1e-5, report_epoch: str = "last", text_cache_dir: str | None = None):
+                 warmup_lr: float = 1e-5, report_epoch: str = "last", text_cache_dir: str | None = None,
+                 nonfinite: str = "raise", max_skipped_steps: int = 100):
         super().__init__()
         self.save_hyperparameters(ignore=["head"])
         if kd_warmup_epochs < 0:
@@ -98,7 +100,8 @@ class PromptDistillationModule(BaseToNewTask):
         self.head = head if head is not None else KD(temperature=1.0)
         self.kd_weight = float(kd_weight)
         self.teacher_result: dict | None = None
-        self.init_task(lr, momentum, weight_decay, warmup_epochs, warmup_lr, report_epoch, num_classes)
+        self.init_task(lr, momentum, weight_decay, warmup_epochs, warmup_lr, report_epoch, num_classes, nonfinite,
+                       max_skipped_steps)
 
     # -- checks --------------------------------------------------------------------------------------------------
     def check_classes(self, datamodule) -> None:
@@ -168,10 +171,9 @@ class PromptDistillationModule(BaseToNewTask):
         kd = self.head(student_logits, teacher_logits, target)
         scale = self.kd_scale()
         loss = self.kd_weight * scale * kd
-        self.check_finite(loss, kd=kd)
         self.log_dict({"train/loss": loss, "train/kd": kd}, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/kd_scale", scale, on_step=False, on_epoch=True)
-        return loss
+        return self.guard_loss(loss, kd=kd)
 
     # -- evaluation ------------------------------------------------------------------------------------------------
     def eval_logits(self, images: Tensor, group: str) -> Tensor:

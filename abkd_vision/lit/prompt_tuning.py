@@ -44,6 +44,7 @@ class PromptTuningModule(BaseToNewTask):
         zero_shot_templates: the templates averaged for the zero-shot text anchor.
         lr, momentum, weight_decay, warmup_epochs, warmup_lr, report_epoch: see :class:`BaseToNewTask`.
         text_cache_dir: on-disk cache of the text features for ``validate``/``test`` runs (None = memory only).
+        nonfinite, max_skipped_steps: the NaN/inf policy ("raise" or "skip", see ``GuardedTraining``).
     """
 
     def __init__(self, arch: str = "ViT-L-14-quickgelu", pretrained: str | None = "openai",
@@ -53,7 +54,8 @@ class PromptTuningModule(BaseToNewTask):
                  scl_image_weight: float = 0.0, scl_text_weight: float = 0.0, scl_logits_weight: float = 0.0,
                  zero_shot_templates: list[str] | None = None,
                  lr: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int = 1,
-                 warmup_lr: float = 1e-5, report_epoch: str = "last", text_cache_dir: str | None = None):
+                 warmup_lr: float = 1e-5, report_epoch: str = "last", text_cache_dir: str | None = None,
+                 nonfinite: str = "raise", max_skipped_steps: int = 100):
         super().__init__()
         self.save_hyperparameters()
         for name in ("scl_image_weight", "scl_text_weight", "scl_logits_weight"):
@@ -68,7 +70,8 @@ class PromptTuningModule(BaseToNewTask):
         self.logits_consistency = KD(temperature=1.0)
         self.text_cache = TextFeatureCache(None)
         self._zs_text: Tensor | None = None
-        self.init_task(lr, momentum, weight_decay, warmup_epochs, warmup_lr, report_epoch, num_classes)
+        self.init_task(lr, momentum, weight_decay, warmup_epochs, warmup_lr, report_epoch, num_classes, nonfinite,
+                       max_skipped_steps)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -117,10 +120,9 @@ class PromptTuningModule(BaseToNewTask):
             terms["scl_text"] = F.l1_loss(text, self._zs_text)
             terms["scl_logits"] = self.logits_consistency(logits, zs_logits, target) / logits.shape[1]
         loss = ce + sum(getattr(hp, f"{k}_weight") * v for k, v in terms.items() if k != "ce")
-        self.check_finite(loss, **terms)
         self.log_dict({"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}}, on_step=True,
                       on_epoch=True, prog_bar=True)
-        return loss
+        return self.guard_loss(loss, **terms)
 
     # -- evaluation ------------------------------------------------------------------------------------------------
     def eval_logits(self, images: Tensor, group: str) -> Tensor:
