@@ -7,8 +7,10 @@ gets ``config.yaml`` (the fully resolved config) and ``versions.json`` (library 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import platform
 import re
 import sys
@@ -87,7 +89,7 @@ class DistillationCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> DistillationCLI:
+def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> DistillationCLI:
     return DistillationCLI(
         LightningModule,
         LightningDataModule,
@@ -97,7 +99,59 @@ def main(args: list[str] | None = None, run: bool = True) -> DistillationCLI:
         trainer_defaults={"callbacks": [RecordVersions()]},
         save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": exit_on_error},
         args=args,
         run=run,
     )
+
+
+# Errors whose message already names the bad value and the fix: shown alone, without a traceback.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError, KeyError,
+                ImportError)
+
+
+def run(args: list[str] | None = None) -> int:
+    """``run.py``: the CLI, with a bad input reported as one message printed last (exit code 2 for invalid
+    arguments, 1 for errors found later). ``ABKD_DEBUG=1`` shows the full report and traceback instead."""
+    from jsonargparse import ArgumentError
+
+    from abkd_vision.errors import looks_like_parser_report, summarize_parser_error
+    from abkd_vision.models import CheckpointError
+
+    debug = bool(os.environ.get("ABKD_DEBUG"))
+    try:
+        main(args, exit_on_error=debug)
+    except ArgumentError as err:
+        text = summarize_parser_error(str(err))
+        if "Problems parsing config" in text:
+            text = _unparsable_configs(args if args is not None else sys.argv[1:]) or text
+        print(f"error: invalid arguments\n{text}\n(run.py fit --help lists the options; "
+              "ABKD_DEBUG=1 shows the parser's full report)", file=sys.stderr)
+        return 2
+    except (CheckpointError, *_USER_ERRORS) as err:
+        if debug:
+            raise
+        text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        if looks_like_parser_report(text):  # our check failed while the parser instantiated the classes
+            text = summarize_parser_error(text)
+        elif isinstance(err, OSError) and err.filename and err.errno in (errno.ENOTDIR, errno.EACCES, errno.EROFS,
+                                                                         errno.EEXIST):
+            text = (f"cannot write to {err.filename} ({err.strerror}); choose a writable output folder, e.g. "
+                    "--trainer.logger.init_args.save_dir runs (checkpoints and results go below it)")
+        print(f"error: {text}\n(ABKD_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _unparsable_configs(args: list[str]) -> str:
+    """Name the --config files that are not valid YAML, with the parser's position."""
+    import yaml
+
+    problems = []
+    for flag, value in zip(args, args[1:]):
+        if flag in ("--config", "-c") and Path(value).is_file():
+            try:
+                yaml.safe_load(Path(value).read_text())
+            except yaml.YAMLError as err:
+                problems.append(f"config file {value} is not valid YAML: {' '.join(str(err).split())}")
+    return "\n".join(problems)

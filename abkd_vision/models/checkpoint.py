@@ -79,6 +79,12 @@ def load_checkpoint(
 def _torch_load(path: Path, trusted: bool, map_location: MapLocation) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=not trusted)
+    except (RuntimeError, EOFError) as err:  # torch's reader: truncated zip archives, half-written files
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or corrupted "
+            f"({str(err).splitlines()[0].split('. ')[0]}). "
+            "Download or copy it again, or use an earlier checkpoint."
+        ) from err
     except pickle.UnpicklingError as err:
         if trusted:
             raise

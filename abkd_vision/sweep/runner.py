@@ -1,168 +1,417 @@
 """Run a sweep: skip finished runs, launch the rest on an executor, record failures, regenerate the outputs.
 
-Each run is an independent ``python run.py fit ...`` process writing into ``<out>/runs/<run_id>/version_0/``,
-its console output into ``<out>/logs/<run_id>.log``. A run counts as done only when its ``results.json`` says
-``"finished": true``; anything else is rerun from scratch next time (its folder is cleared first). Executors:
+Each run is an independent ``python run.py fit ...`` process (working directory: the folder holding run.py)
+writing into ``<out>/runs/<run_id>/version_0/``, its stdout + stderr into ``<out>/logs/<run_id>.log``. A run
+counts as done only when its ``results.json`` says ``"finished": true``; anything else is rerun from scratch
+next time (its folder is removed first, so it stays ``version_0``). Executors:
 
-* ``local``: a pool of ``workers`` processes on this machine (default);
-* ``submitit``: one SLURM job per run (``submitit.AutoExecutor``), or submitit's local executor for testing;
-* ``ray``: one Ray task per run on an existing cluster (``ray.init(address="auto")``).
+* ``local``: a pool of ``workers`` runs at a time on this machine (threads waiting on subprocesses), optionally
+  one run per listed GPU (``gpus``, through ``CUDA_VISIBLE_DEVICES``);
+* ``submitit``: one SLURM array task per run (``submitit.AutoExecutor``), or submitit's ``LocalExecutor``;
+* ``ray``: one Ray task per run (``ray`` is imported only then).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import queue
+import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from abkd_vision.io import atomic_write
-from abkd_vision.sweep.grid import Run
-from abkd_vision.sweep.tables import collect_rows, read_result, write_outputs
+from abkd_vision.sweep.grid import Run, SweepError
+from abkd_vision.sweep.store import (
+    all_runs,
+    finished_result,
+    log_path,
+    read_record,
+    run_dir,
+    write_manifest,
+    write_record,
+)
+from abkd_vision.sweep.tables import collect_rows, headline, summary_line, write_outputs
 
-__all__ = ["SweepOptions", "execute_run", "run_sweep"]
+__all__ = ["EXECUTORS", "SweepOptions", "SweepResult", "build_command", "execute_run", "run_sweep"]
 
 REPO = Path(__file__).resolve().parents[2]
 EXECUTORS = ("local", "submitit", "ray")
+# Environment of every run: Python warnings off (they only fill the logs) and unbuffered output, so a log is
+# current while its run is going.
+CHILD_ENV = {"PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+_ACTIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED"}
 
 
 @dataclass
 class SweepOptions:
     out: Path
     run_script: Path = REPO / "run.py"
+    python: str = sys.executable
     extra: Sequence[str] = ()
-    workers: int = 1
+    workers: int | None = None  # local: runs at a time (default 1); submitit/SLURM: array parallelism
+    gpus: Sequence[str] = ()  # local: one run per listed GPU id at a time
     executor: str = "local"
     submitit_local: bool = False
-    slurm: dict = field(default_factory=dict)  # passed to submitit's update_parameters
+    submitit: dict = field(default_factory=dict)  # update_parameters(): timeout_min, gpus_per_node, slurm_*, ...
     ray_address: str | None = None
     ray_gpus: float = 0.0
+    ray_cpus: float = 1.0
+    poll_seconds: float | None = None  # submitit: how often job states are polled
 
 
-def execute_run(cmd: Sequence[str], log_path: str, cwd: str) -> int:
-    """Run one command with its output in ``log_path``; the exit code (a picklable job for any executor)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        return subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env).returncode
+@dataclass
+class SweepResult:
+    rows: list[dict]
+    failed: list[str]  # run ids
+    interrupted: bool = False
+    paths: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.interrupted else 1 if self.failed else 0
 
 
-def command(run: Run, opts: SweepOptions) -> list[str]:
-    runs_dir = opts.out / "runs"
-    return [sys.executable, str(opts.run_script), "fit", *run.args(),
-            "--trainer.logger.init_args.save_dir", str(runs_dir), "--trainer.logger.init_args.name", run.run_id,
-            "--trainer.logger.init_args.version", "0", *opts.extra]
+@dataclass(frozen=True)
+class _Job:
+    run: Run
+    cmd: tuple[str, ...]
+    log: str
+    cwd: str
 
 
-def _manifest(out: Path, runs: Sequence[Run]) -> list[dict]:
-    """Merge ``runs`` into ``<out>/manifest.json`` (keyed by run id, so rows never duplicate)."""
-    path = out / "manifest.json"
-    known = {}
-    if path.is_file():
-        known = {r["run_id"]: r for r in json.loads(path.read_text())}
-    for run in runs:
-        known[run.run_id] = run.to_dict()
-    atomic_write(path, json.dumps(list(known.values()), indent=1) + "\n")
-    return list(known.values())
+# --- one run --------------------------------------------------------------------------------------------------
+
+def build_command(run: Run, opts: SweepOptions) -> list[str]:
+    """``python run.py fit --config ... --seed_everything N --key value ...`` into the run's own folder."""
+    return [opts.python, str(opts.run_script), "fit", *run.args(),
+            "--trainer.logger.init_args.save_dir", str(Path(opts.out).resolve() / "runs"),
+            "--trainer.logger.init_args.name", run.run_id, "--trainer.logger.init_args.version", "0", *opts.extra]
 
 
-def load_manifest(out: Path) -> list[dict]:
-    path = out / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {out} is not a sweep folder (run a sweep into it first)")
-    return json.loads(path.read_text())
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
 
 
-def _submit(opts: SweepOptions, jobs: list[tuple[Run, list[str], str]]):
-    """Start every job; yields ``(run, exit code)`` as they finish."""
-    cwd = str(opts.run_script.parent)
-    if opts.executor == "local":
-        with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
-            futures = {pool.submit(execute_run, cmd, log, cwd): run for run, cmd, log in jobs}
+def execute_run(cmd: Sequence[str], log: str, cwd: str, env: dict | None = None) -> dict:
+    """Run one command with its stdout + stderr in ``log``: ``{"exit_code", "seconds", "host"}``.
+
+    A plain top-level function, so that every executor can pickle it. In a multi-task SLURM job (one run over
+    several GPUs) every task runs the command; tasks other than the first log to ``<log>.rank<N>``.
+    """
+    start = time.time()
+    rank = int(os.environ.get("SLURM_PROCID") or os.environ.get("SUBMITIT_LOCAL_GLOBALID") or 0)
+    log_file = Path(log if rank == 0 else f"{log}.rank{rank}")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as f:
+        f.write(f"$ cd {shlex.quote(cwd)} && {shlex.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
+                                env={**os.environ, **CHILD_ENV, **(env or {})})
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+    return {"exit_code": code, "seconds": time.time() - start, "host": socket.gethostname()}
+
+
+def _stop_children(grace_seconds: float = 30.0) -> None:
+    """SIGINT to every run of this process (Lightning stops gracefully: results.json says not finished), then kill
+    what is left after ``grace_seconds``."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.time() + grace_seconds
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _mark_started(out: Path, job: _Job, **fields) -> None:
+    write_record(out, job.run.run_id, run=job.run.to_dict(), started=time.time(), exit_code=None, log=job.log,
+                 **fields)
+
+
+# --- executors ------------------------------------------------------------------------------------------------
+
+class _LocalBackend:
+    """A thread pool; each thread waits on one run's subprocess. With ``gpus``, each run holds one GPU id."""
+
+    name = "local"
+
+    def __init__(self, opts: SweepOptions):
+        if opts.gpus and opts.workers:
+            raise SweepError("give --gpus or --workers, not both (--gpus 0 0 1 1 runs two at a time per GPU)")
+        self.slots: queue.Queue = queue.Queue()
+        for gpu in opts.gpus:
+            self.slots.put(str(gpu))
+        if opts.workers is not None and opts.workers < 1:
+            raise SweepError(f"--workers must be at least 1, got {opts.workers}")
+        self.workers = len(opts.gpus) or opts.workers or 1
+        self.use_gpus = bool(opts.gpus)
+        self.out, self.pool = opts.out, None
+
+    def reattach(self, record: dict | None):
+        return None
+
+    def _one(self, job: _Job) -> dict:
+        gpu = self.slots.get() if self.use_gpus else None
+        try:
+            _mark_started(self.out, job, status="running", executor=self.name, gpu=gpu)
+            return execute_run(job.cmd, job.log, job.cwd, None if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu})
+        finally:
+            if gpu is not None:
+                self.slots.put(gpu)
+
+    def run(self, jobs: Sequence[_Job], attached: Sequence = ()) -> Iterator[tuple[_Job, dict]]:
+        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sweep-run")
+        try:
+            futures = {self.pool.submit(self._one, job): job for job in jobs}
             for fut in as_completed(futures):
                 yield futures[fut], fut.result()
-    elif opts.executor == "submitit":
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def stop(self) -> str:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        _stop_children()
+        return "runs in progress were stopped (their results say not finished)"
+
+
+class _SubmititBackend:
+    """One job per run through submitit: a SLURM job array (AutoExecutor), or local processes (LocalExecutor)."""
+
+    def __init__(self, opts: SweepOptions):
         try:
             import submitit
         except ImportError:
-            raise RuntimeError("the submitit executor needs submitit: pip install 'abkd-vision[sweep]'") from None
-        folder = opts.out / "submitit"
-        executor = (submitit.LocalExecutor(folder=folder) if opts.submitit_local
-                    else submitit.AutoExecutor(folder=folder))
-        params = {"timeout_min": 60 * 24, **opts.slurm}
-        executor.update_parameters(**params)
-        pending = {executor.submit(execute_run, cmd, log, cwd): run for run, cmd, log in jobs}
-        while pending:
-            for job in [j for j in pending if j.done()]:
-                run = pending.pop(job)
-                try:
-                    code = job.result()
-                except Exception:  # noqa: BLE001 -- a job killed by the scheduler counts as failed
-                    code = -1
-                yield run, code
-            time.sleep(0.5)
-    elif opts.executor == "ray":
+            raise SweepError("--executor submitit needs submitit: pip install 'abkd-vision[sweep]'") from None
+        self.submitit, self.out = submitit, opts.out
+        self.folder = Path(opts.out).resolve() / "submitit"
+        params = dict(opts.submitit)
+        params.setdefault("timeout_min", 24 * 60)
+        if opts.submitit_local:
+            self.name = "submitit-local"
+            self.executor = submitit.LocalExecutor(folder=self.folder)
+            # LocalExecutor understands timeout_min, gpus_per_node, tasks_per_node; the SLURM ones do not apply.
+            params = {k: v for k, v in params.items() if k in ("timeout_min", "gpus_per_node", "tasks_per_node")}
+            self.poll = opts.poll_seconds or 0.5
+        else:
+            if shutil.which("sbatch") is None:
+                raise SweepError("--executor submitit: no SLURM on this machine (sbatch not found); "
+                                 "--submitit-local runs the jobs as local processes")
+            self.name = "submitit-slurm"
+            try:
+                self.executor = submitit.AutoExecutor(folder=self.folder, cluster="slurm")
+            except RuntimeError as err:  # e.g. no srun
+                raise SweepError(f"--executor submitit: {err}") from None
+            params.setdefault("name", f"sweep-{Path(opts.out).name}")
+            if opts.workers:
+                params["slurm_array_parallelism"] = opts.workers
+            self.poll = opts.poll_seconds or 15.0
+        try:
+            self.executor.update_parameters(**params)
+        except (NameError, ValueError, TypeError, AssertionError) as err:
+            raise SweepError(f"submitit parameters {params}: {err}") from None
+        self.jobs: list = []
+
+    def reattach(self, record: dict | None):
+        """A SLURM job of an earlier sweep (its driver died) that is still queued or running: follow it instead of
+        starting the run again."""
+        if not record or record.get("executor") != "submitit-slurm" or not record.get("job_id") \
+                or self.name != "submitit-slurm":
+            return None
+        try:
+            job = self.submitit.SlurmJob(folder=record["submitit_folder"], job_id=str(record["job_id"]))
+            state = str(job.state).split()[0]
+        except Exception:  # noqa: BLE001 -- sacct unavailable or the job is unknown: start the run again
+            return None
+        return job if state in _ACTIVE_SLURM_STATES else None
+
+    def run(self, jobs: Sequence[_Job], attached: Sequence = ()) -> Iterator[tuple[_Job, dict]]:
+        handles = list(attached)
+        if jobs:
+            submitted = self.executor.map_array(execute_run, [j.cmd for j in jobs], [j.log for j in jobs],
+                                                [j.cwd for j in jobs], [None] * len(jobs))
+            for job, handle in zip(jobs, submitted):
+                _mark_started(self.out, job, status="submitted", executor=self.name, job_id=handle.job_id,
+                              submitit_folder=str(self.folder))
+            handles += list(zip(jobs, submitted))
+        self.jobs = [h for _, h in handles]
+        by_handle = {id(h): j for j, h in handles}
+        for handle in self.submitit.helpers.as_completed(self.jobs, poll_frequency=self.poll):
+            try:
+                outcome = handle.result()
+            except Exception as err:  # noqa: BLE001 -- timeout, preemption, node failure: the run failed
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                outcome = {"exit_code": None, "seconds": None,
+                           "error": f"submitit job {handle.job_id}: {first[:300]} (see {handle.paths.stderr})"}
+            yield by_handle[id(handle)], outcome
+
+    def stop(self) -> str:
+        if self.name == "submitit-local":
+            for job in self.jobs:
+                job.cancel(check=False)
+            return "the local submitit jobs were cancelled"
+        ids = " ".join(str(j.job_id) for j in self.jobs if not j.done())
+        return f"the SLURM jobs keep running: run the same command again to follow them (or scancel {ids})"
+
+
+class _RayBackend:
+    """One Ray task per run (``ray.init(address)``: an existing cluster, or a local one when no address)."""
+
+    name = "ray"
+
+    def __init__(self, opts: SweepOptions):
         try:
             import ray
         except ImportError:
-            raise RuntimeError("the ray executor needs ray: pip install 'ray[default]'") from None
-        ray.init(address=opts.ray_address or "auto", ignore_reinit_error=True)
-        task = ray.remote(num_gpus=opts.ray_gpus)(execute_run)
-        pending = {task.remote(cmd, log, cwd): run for run, cmd, log in jobs}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            raise SweepError("--executor ray needs ray: pip install 'ray[default]'") from None
+        self.ray = ray
+        try:
+            ray.init(address=opts.ray_address, ignore_reinit_error=True, log_to_driver=False)
+        except Exception as err:  # noqa: BLE001
+            raise SweepError(f"ray.init(address={opts.ray_address!r}) failed: {err}") from None
+        self.task = ray.remote(num_gpus=opts.ray_gpus, num_cpus=opts.ray_cpus, max_retries=0)(execute_run)
+        self.out, self.refs = opts.out, {}
+
+    def reattach(self, record: dict | None):
+        return None
+
+    def run(self, jobs: Sequence[_Job], attached: Sequence = ()) -> Iterator[tuple[_Job, dict]]:
+        for job in jobs:
+            _mark_started(self.out, job, status="submitted", executor=self.name)
+            self.refs[self.task.remote(job.cmd, job.log, job.cwd, None)] = job
+        while self.refs:
+            done, _ = self.ray.wait(list(self.refs), num_returns=1)
             for ref in done:
-                yield pending.pop(ref), ray.get(ref)
-    else:
-        raise ValueError(f"unknown executor {opts.executor!r}; choose one of {EXECUTORS}")
+                job = self.refs.pop(ref)
+                try:
+                    outcome = self.ray.get(ref)
+                except Exception as err:  # noqa: BLE001 -- a lost worker or node: the run failed
+                    outcome = {"exit_code": None, "seconds": None, "error": f"ray task: {err}"[:300]}
+                yield job, outcome
+
+    def stop(self) -> str:
+        for ref in self.refs:
+            self.ray.cancel(ref, force=True)
+        return "the Ray tasks were cancelled"
 
 
-def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], None] = print) -> tuple[list[dict], int]:
-    """Run what is not finished yet, then write the outputs. Returns ``(rows, number of failed runs)``."""
+def make_backend(opts: SweepOptions):
+    """The executor, checked (importable, reachable, valid parameters) before any run starts."""
+    if opts.executor == "local":
+        return _LocalBackend(opts)
+    if opts.executor == "submitit":
+        return _SubmititBackend(opts)
+    if opts.executor == "ray":
+        return _RayBackend(opts)
+    raise SweepError(f"unknown executor {opts.executor!r}; choose one of {', '.join(EXECUTORS)}")
+
+
+# --- the sweep ------------------------------------------------------------------------------------------------
+
+@contextmanager
+def _lock(out: Path):
+    """One sweep at a time per folder (two would remove each other's unfinished run folders)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    f = open(out / ".sweep.lock", "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SweepError(f"another sweep is running into {out}; wait for it or use another --out") from None
+        yield
+    finally:
+        f.close()
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 \
+        else f"{seconds / 3600:.1f} h"
+
+
+def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], None] = print,
+              command: Callable[[Run, SweepOptions], list[str]] = build_command) -> SweepResult:
+    """Run what is not finished yet, then write the outputs. ``command`` builds a run's command line."""
     from tqdm import tqdm
 
+    opts.out = Path(opts.out).resolve()
+    if opts.out.exists() and not opts.out.is_dir():
+        raise SweepError(f"--out {opts.out} is a file")
+    if not Path(opts.run_script).is_file():
+        raise SweepError(f"run script {opts.run_script} not found")
+    backend = make_backend(opts)  # every check before anything is created, removed or started
     opts.out.mkdir(parents=True, exist_ok=True)
-    planned = _manifest(opts.out, runs)
-    todo = []
-    for run in runs:
-        run_dir = opts.out / "runs" / run.run_id / "version_0"
-        if read_result(run_dir) is not None:
-            continue
-        shutil.rmtree(run_dir.parent, ignore_errors=True)  # an unfinished attempt: start clean, stay version_0
-        todo.append((run, command(run, opts), str(opts.out / "logs" / f"{run.run_id}.log")))
-    skipped = len(runs) - len(todo)
-    echo(f"sweep: {len(runs)} runs, {skipped} already finished, {len(todo)} to run ({opts.executor} executor)")
-    failed: dict[str, str] = {}
-    start = {run.run_id: time.time() for run, _, _ in todo}
-    with tqdm(total=len(todo), unit="run", dynamic_ncols=True, disable=not todo) as bar:
-        for run, code in _submit(opts, todo):
-            result = read_result(opts.out / "runs" / run.run_id / "version_0")
-            minutes = (time.time() - start[run.run_id]) / 60
-            log = opts.out / "logs" / f"{run.run_id}.log"
-            if code == 0 and result is not None:
-                metric = _headline(result)
-                bar.write(f"done    {run.run_id}  {metric}  ({minutes:.1f} min)")
-            else:
-                failed[run.run_id] = str(log)
-                bar.write(f"FAILED  {run.run_id}  exit {code}; log: {log}")
-            bar.update(1)
-    rows = collect_rows(planned, opts.out, failed)
-    paths = write_outputs(rows, opts.out)
-    echo(f"outputs: {paths['csv']}, {paths['tables']}, {paths['plot']}")
-    return rows, len(failed)
-
-
-def _headline(result: dict) -> str:
-    if "reported" in result and result["reported"]:
-        r = result["reported"]
-        return f"base {100 * r['base_acc']:.2f} new {100 * r['new_acc']:.2f} HM {100 * r['hm']:.2f}"
-    best = result.get("val_acc1_best")
-    return f"best top-1 {100 * best:.2f}" if best is not None else ""
+    with _lock(opts.out):
+        write_manifest(opts.out, runs)
+        cwd = str(Path(opts.run_script).resolve().parent)
+        todo, attached, skipped = [], [], 0
+        for run in runs:
+            if finished_result(opts.out, run.run_id) is not None:
+                skipped += 1
+                continue
+            job = _Job(run, tuple(command(run, opts)), str(log_path(opts.out, run.run_id)), cwd)
+            handle = backend.reattach(read_record(opts.out, run.run_id))
+            if handle is not None:
+                attached.append((job, handle))
+                continue
+            shutil.rmtree(opts.out / "runs" / run.run_id, ignore_errors=True)  # start clean, stay version_0
+            todo.append(job)
+        more = f", {len(attached)} still running from an earlier sweep" if attached else ""
+        echo(f"sweep {opts.out}: {len(runs)} runs, {skipped} already finished, {len(todo)} to run{more} "
+             f"({backend.name} executor)")
+        failed, interrupted = [], False
+        bar = tqdm(total=len(runs), initial=skipped, unit="run", dynamic_ncols=True, leave=False,
+                   disable=not (todo or attached), file=sys.stderr)
+        try:
+            for job, outcome in backend.run(todo, attached):
+                rid = job.run.run_id
+                code, seconds = outcome.get("exit_code"), outcome.get("seconds")
+                result = run_dir(opts.out, rid) / "results.json"
+                ok = code == 0 and finished_result(opts.out, rid) is not None
+                write_record(opts.out, rid, run=job.run.to_dict(), status="finished" if ok else "failed",
+                             exit_code=code, seconds=seconds, host=outcome.get("host"), log=job.log,
+                             error=outcome.get("error"), command=list(job.cmd), cwd=job.cwd, ended=time.time())
+                if ok:
+                    bar.write(f"done    {rid}  {headline(finished_result(opts.out, rid))}  ({_duration(seconds)})")
+                else:
+                    failed.append(rid)
+                    why = outcome.get("error") or (f"exit {code}" if code else
+                                                   f"exit 0 but {result} is missing or not finished")
+                    bar.write(f"FAILED  {rid}  {why}  ({_duration(seconds)})  log: {job.log}")
+                bar.update(1)
+        except KeyboardInterrupt:
+            interrupted = True
+            bar.write(f"interrupted: {backend.stop()}")
+        finally:
+            bar.close()
+        rows = collect_rows(opts.out, all_runs(opts.out, runs))
+        paths = write_outputs(rows, opts.out)
+    echo(summary_line(rows) + (" (interrupted: run the same command to resume)" if interrupted else ""))
+    for rid in failed:
+        echo(f"  failed: {rid}  log: {log_path(opts.out, rid)}")
+    echo(f"outputs: {paths['csv']}  {paths['tables']}  {paths['plot']}")
+    return SweepResult(rows, failed, interrupted, paths)
