@@ -75,6 +75,26 @@ class RecordVersions(Callback):
         atomic_write(Path(log_dir) / "versions.json", json.dumps(library_versions(), indent=2) + "\n")
 
 
+class ExactResume(Callback):
+    """Make a run killed mid-epoch resumable exactly with ``--ckpt_path last``.
+
+    Add it with ``ModelCheckpoint(every_n_train_steps=N, save_last=True)`` so that ``last.ckpt`` is written
+    during the epoch. The training data then come in an order and with augmentations that depend only on the
+    seed, the epoch and the sample (:mod:`abkd_vision.data.resumable`), and a restart skips the batches already
+    done; the optimiser, schedules, KD warm-up, best-epoch tracking and loop counters come from the checkpoint.
+    Single process; add ``trainer.deterministic: true`` for bit-identical CPU runs.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "exact_resume"):
+            raise ValueError(
+                f"ExactResume needs one of the suite's classification data modules (CIFAR100DataModule, "
+                f"ImageFolderDataModule), got {type(datamodule).__name__}"
+            )
+        datamodule.exact_resume = True
+
+
 class SaveRunConfig(SaveConfigCallback):
     """LightningCLI's ``config.yaml``, written only into a logger's run directory (never the working folder)."""
 

@@ -60,6 +60,18 @@ def make_dataloader(
     )
 
 
+def resumable_loader(datamodule, dataset: Dataset, batch_size: int, drop_last: bool, num_workers: int,
+                     pin_memory: bool) -> DataLoader:
+    """Training loader whose order and augmentation a mid-epoch resume reproduces (see data/resumable.py)."""
+    from abkd_vision.data.resumable import EpochSampler, ResumableLoader, SeededViews
+
+    seed = torch.initial_seed()  # the run's seed_everything value
+    return ResumableLoader(SeededViews(dataset, seed), batch_size=batch_size,
+                           sampler=EpochSampler(len(dataset), seed, batch_size, datamodule), drop_last=drop_last,
+                           num_workers=num_workers, pin_memory=pin_memory and _accelerator_available(),
+                           persistent_workers=num_workers > 0)
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Base of the image-classification DataModules.
 
@@ -73,10 +85,14 @@ class ClassificationDataModule(L.LightningDataModule):
     val_set: Dataset | None = None
     test_set: Dataset | None = None
 
+    exact_resume: bool = False  # set by the ExactResume callback
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before requesting a dataloader")
         hp = self.hparams
+        if train and self.exact_resume:
+            return resumable_loader(self, dataset, hp.batch_size, hp.drop_last, hp.num_workers, hp.pin_memory)
         return make_dataloader(
             dataset,
             batch_size=hp.batch_size if train else hp.eval_batch_size,

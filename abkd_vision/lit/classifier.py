@@ -61,9 +61,11 @@ class ImageClassificationTask(GuardedTraining, LightningModule):
             raise ValueError(f"lr must be a positive number, got {lr}")
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.test_metrics = accuracy_metrics(num_classes, "test/")
+        # Best/last-epoch tracking lives in the state dict, so a resumed run keeps it.
         self.val_acc1_best = MaxMetric()
-        self._best_epoch = -1
-        self._last_val: dict[str, float] = {}
+        self.val_acc1_best.persistent(True)
+        # [best epoch, last acc1, last acc5], -1 = none yet
+        self.register_buffer("tracked_epochs", torch.tensor([-1.0, -1.0, -1.0]))
 
     @property
     def network(self) -> nn.Module:
@@ -92,10 +94,20 @@ class ImageClassificationTask(GuardedTraining, LightningModule):
             return
         acc1 = values["val/acc1"]
         if self._best_epoch < 0 or acc1 > self.val_acc1_best.compute():
-            self._best_epoch = self.current_epoch
+            self.tracked_epochs[0] = self.current_epoch
         self.val_acc1_best.update(acc1)
         self.log("val/acc1_best", self.val_acc1_best.compute(), prog_bar=True, sync_dist=True)
-        self._last_val = {k: float(v) for k, v in values.items()}
+        self.tracked_epochs[1] = float(values["val/acc1"])
+        self.tracked_epochs[2] = float(values["val/acc5"]) if "val/acc5" in values else -1.0
+
+    @property
+    def _best_epoch(self) -> int:
+        return int(self.tracked_epochs[0])
+
+    @property
+    def _last_val(self) -> dict[str, float]:
+        acc1, acc5 = (float(v) for v in self.tracked_epochs[1:])
+        return {k: v for k, v in (("val/acc1", acc1), ("val/acc5", acc5)) if v >= 0}
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._update(self.test_metrics, batch)
