@@ -72,7 +72,25 @@ class RecordVersions(Callback):
         log_dir = trainer.log_dir if trainer.logger is not None else None  # a collective under DDP
         if log_dir is None or not trainer.is_global_zero:
             return
-        atomic_write(Path(log_dir) / "versions.json", json.dumps(library_versions(), indent=2) + "\n")
+        setup = run_setup(trainer, pl_module)
+        atomic_write(Path(log_dir) / "versions.json", json.dumps({**library_versions(), "run": setup}, indent=2) + "\n")
+        trainer.logger.log_hyperparams({f"run/{k}": v for k, v in setup.items()})
+
+
+def run_setup(trainer: Trainer, pl_module: LightningModule) -> dict:
+    """How the run is spread: processes, per-process and effective batch size, learning rate, precision."""
+    hp = getattr(getattr(trainer, "datamodule", None), "hparams", {}) or {}
+    batch = hp.get("batch_size")
+    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    return {
+        "world_size": trainer.world_size,
+        "batch_size_per_process": batch,
+        "accumulate_grad_batches": accumulate,
+        "effective_batch_size": batch * trainer.world_size * accumulate if batch else None,
+        "lr": getattr(pl_module, "lr", None),
+        "precision": str(trainer.precision),
+        "sync_batchnorm": any("SyncBatchNorm" in type(m).__name__ for m in pl_module.modules()),
+    }
 
 
 class ExactResume(Callback):

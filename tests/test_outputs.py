@@ -70,3 +70,6 @@ def test_a_run_with_a_logger_writes_only_into_its_run_folder(tmp_path, tiny_data
     assert {"config.yaml", "versions.json", "results.json", "metrics.csv", "hparams.yaml", "checkpoints"} <= set(
         os.listdir(run))
     assert not [p for p in run.rglob("*.tmp")]
+    setup = json.loads((run / "versions.json").read_text())["run"]
+    assert setup["world_size"] == 1 and setup["batch_size_per_process"] == 8 and setup["effective_batch_size"] == 8
+    assert setup["lr"] == 0.05 and setup["precision"] == "32-true"
