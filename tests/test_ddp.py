@@ -6,27 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import tiny_image_folder
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from abkd_vision.cli import RecordVersions
-from abkd_vision.data import ImageFolderDataModule, export_image_folder
+from abkd_vision.data import ImageFolderDataModule
 from abkd_vision.lit import ClassifierModule
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ddp")
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 16), ("test", 23)):  # 23 test images: uneven over 2 processes
-        labels = np.arange(n) % 3
-        images = rng.integers(0, 80, (n, 16, 16, 3)).astype(np.uint8)
-        images[np.arange(n), :, :, labels] += 120
-        export_image_folder(images, labels, root, split, ["a", "b", "c"])
-    return root
+    return tiny_image_folder(tmp_path_factory.mktemp("ddp"), 16, 23, seed=1)  # 23 test images: uneven over 2
 
 
 def _validate(tmp_path: Path, data: Path, devices: int, weights: dict) -> dict:

@@ -7,27 +7,21 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import tiny_image_folder
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from abkd_vision.data import ImageFolderDataModule, export_image_folder
+from abkd_vision.data import ImageFolderDataModule
 from abkd_vision.heads import KD
 from abkd_vision.lit import DistillationModule
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("test", 12)):
-        labels = np.arange(n) % 3
-        export_image_folder(rng.integers(0, 255, (n, 16, 16, 3)).astype(np.uint8), labels, root, split,
-                            ["a", "b", "c"])
-    return root
+    return tiny_image_folder(tmp_path_factory.mktemp("tiny"), 48, 12, separable=False)
 
 
 class NaNAtSteps(KD):

@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
+from helpers import tiny_image_folder
 
 from abkd_vision.cli import main as cli_main
-from abkd_vision.data import export_image_folder
 from abkd_vision.io import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,13 +32,7 @@ def test_atomic_write_keeps_the_previous_file_when_interrupted(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 24), ("test", 12)):
-        labels = np.arange(n) % 3
-        export_image_folder(rng.integers(0, 255, (n, 16, 16, 3)).astype(np.uint8), labels, root, split,
-                            ["a", "b", "c"])
-    return root
+    return tiny_image_folder(tmp_path_factory.mktemp("tiny"), 24, 12, separable=False)
 
 
 def _args(data: Path) -> list[str]:

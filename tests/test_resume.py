@@ -11,19 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import tiny_image_folder
 
-from abkd_vision.data import export_image_folder
 from abkd_vision.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 6  # 48 images, batch 8
-
-
-class SlowDown:  # imported by the child process through PYTHONPATH (a Lightning Callback built lazily)
-    pass
 
 
 def _write_callback_module(folder: Path) -> None:
@@ -38,12 +33,7 @@ def _write_callback_module(folder: Path) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("resume")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("test", 12)):
-        labels = np.arange(n) % 3
-        images = rng.integers(0, 60, (n, 16, 16, 3)).astype(np.uint8)
-        images[np.arange(n), :, :, labels] += 150
-        export_image_folder(images, labels, root / "data", split, ["a", "b", "c"])
+    tiny_image_folder(root / "data", 48, 12)
     torch.manual_seed(0)
     torch.save(create_model("resnet8", num_classes=3).state_dict(), root / "teacher.pth")
     _write_callback_module(root)
