@@ -1,0 +1,304 @@
+"""``python -m abkd_vision.search``: search ABKD's (alpha, beta) with Optuna, one distillation run per trial.
+
+examples:
+  # TPE over the default ranges, 30 trials, MedianPruner on per-epoch val/acc1
+  python -m abkd_vision.search --out runs/search/r32x4-r8x4 --n-trials 30 \\
+      --config configs/cifar100/base.yaml --config configs/cifar100/abkd/resnet32x4-resnet8x4.yaml
+  # an exact landscape: every grid point once
+  python -m abkd_vision.search --out runs/search/grid --grid-alpha 0 0.5 1.0 --grid-beta 0 0.5 1.0 \\
+      --config configs/demo/base.yaml --config configs/demo/abkd.yaml --config configs/demo/student.yaml
+  # 2 local worker processes sharing the study, 10 trials each, with run overrides passed through
+  python -m abkd_vision.search --out runs/search/x --workers 2 --n-trials 10 --config ... --trainer.max_epochs 60
+  # workers on several machines: one database, the same --study-name, a distinct --worker-id per worker
+  python -m abkd_vision.search --out runs/search/x --storage postgresql://user:pw@db/optuna --study-name r8x4 \\
+      --worker-only --worker-id 3 --n-trials 10 --config ...
+  # the outputs again from the storage, without training
+  python -m abkd_vision.search --out runs/search/x --report-only
+
+Arguments this parser does not know (--trainer.*, --model.*, --data.*, ...) go to every run, as for run.py fit.
+The search sets alpha/beta, --seed_everything and the logger folder (<out>/trials/trial_<n>) itself.
+Exit code: 0 done, 1 no trial completed or a worker failed, 2 bad input (nothing started), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from abkd_vision.search.space import SearchError, SearchSpace
+
+DEFAULT_STUDY = "abkd_search"
+_CHECKED_ENV = "ABKD_SEARCH_CHECKED"  # set for local worker processes: the parent checked the run config
+_THREADS_ENV = "ABKD_SEARCH_THREADS"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m abkd_vision.search", allow_abbrev=False,
+                                description="Search ABKD's (alpha, beta) with Optuna (TPE or a grid), pruning on "
+                                            "per-epoch val/acc1.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--out", type=Path, required=True,
+                   help="search folder: best.json, trials.csv, landscape.png, trials/trial_<n>/, study.db")
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="run config, repeatable, merged in order as for run.py fit (an ABKD config)")
+    g = p.add_argument_group("search space")
+    g.add_argument("--alpha-range", nargs=2, type=float, default=[0.0, 1.5], metavar=("LOW", "HIGH"),
+                   help="TPE range of alpha (default 0 1.5)")
+    g.add_argument("--beta-range", nargs=2, type=float, default=[-0.5, 1.5], metavar=("LOW", "HIGH"),
+                   help="TPE range of beta (default -0.5 1.5)")
+    g.add_argument("--grid-alpha", nargs="+", type=float, default=[], metavar="A",
+                   help="grid mode: alpha values (with --grid-beta; every (alpha, beta) once, GridSampler)")
+    g.add_argument("--grid-beta", nargs="+", type=float, default=[], metavar="B", help="grid mode: beta values")
+    g = p.add_argument_group("study")
+    g.add_argument("--study-name", default=DEFAULT_STUDY, help=f"Optuna study name (default {DEFAULT_STUDY})")
+    g.add_argument("--storage", help="Optuna storage URL (default sqlite:///<out>/study.db; PostgreSQL/MySQL URLs "
+                                     "let workers on several machines share the study)")
+    g.add_argument("--n-trials", type=int, default=None,
+                   help="trials per worker (default 20; grid mode: until every grid point is done)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of every run (--seed_everything) and of the sampler (+ the worker id); default 0")
+    g.add_argument("--pruner", choices=("median", "none"), default="median",
+                   help="prune on per-epoch val/acc1 with MedianPruner (default) or not at all")
+    g.add_argument("--pruner-startup-trials", type=int, default=5,
+                   help="MedianPruner: no pruning until this many trials finished (default 5)")
+    g.add_argument("--pruner-warmup-epochs", type=int, default=0,
+                   help="MedianPruner: no pruning before this epoch (default 0)")
+    g = p.add_argument_group("workers and outputs")
+    g.add_argument("--workers", type=int, default=1,
+                   help="local worker processes sharing the study, each running --n-trials (default 1: in-process)")
+    g.add_argument("--worker-only", action="store_true",
+                   help="run trials only (no final report); for workers you start yourself, e.g. on other machines")
+    g.add_argument("--worker-id", type=int, default=0,
+                   help="this worker's id (sampler seed = --seed + id; give workers you start yourself distinct ids)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per worker (default: torch's own for one worker, CPUs / workers for "
+                        "local workers)")
+    g.add_argument("--report-only", action="store_true",
+                   help="only regenerate best.json, trials.csv and landscape.png from the storage")
+    return p
+
+
+def backend_of(url: str) -> str:
+    return url.split(":", 1)[0].split("+", 1)[0] if ":" in url else "unknown"
+
+
+def open_storage(url: str, out: Path):
+    import optuna
+
+    from abkd_vision.search.landscape import redact
+
+    backend = backend_of(url)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if backend == "sqlite" else None
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as err:  # driver missing, host unreachable, bad URL, ...: all the same advice
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise SearchError(f"cannot open Optuna storage {redact(url)!r} (backend: {backend}): "
+                          f"{type(err).__name__}: {reason}; check the URL, or use the default "
+                          f"sqlite:///{out}/study.db") from None
+
+
+def _check_args(args, extra: list[str]) -> SearchSpace:
+    from abkd_vision.search.objective import check_passthrough
+
+    space = SearchSpace.from_args(args.alpha_range, args.beta_range, args.grid_alpha, args.grid_beta)
+    if args.report_only:
+        return space
+    if not args.config:
+        raise SearchError("give the run configs, as for run.py fit, e.g. --config configs/demo/base.yaml "
+                          "--config configs/demo/abkd.yaml")
+    for config in args.config:
+        if not Path(config).is_file():
+            raise SearchError(f"--config {config} not found")
+    for name in ("n_trials", "workers", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SearchError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.pruner_startup_trials < 0 or args.pruner_warmup_epochs < 0:
+        raise SearchError("--pruner-startup-trials and --pruner-warmup-epochs must be >= 0")
+    if args.worker_only and args.workers != 1:
+        raise SearchError("--worker-only runs one worker; --workers starts local workers, give one or the other")
+    check_passthrough(extra)
+    return space
+
+
+def _pruner(args):
+    import optuna
+
+    if args.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=args.pruner_startup_trials,
+                                       n_warmup_steps=args.pruner_warmup_epochs)
+
+
+def _load_or_create(storage, args, space: SearchSpace, run_args: list[str]):
+    import optuna
+
+    study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
+                                load_if_exists=True, sampler=space.sampler(args.seed + args.worker_id),
+                                pruner=_pruner(args))
+    stored = study.user_attrs.get("search_space")
+    if stored is None:
+        study.set_user_attr("search_space", space.to_dict())
+        study.set_user_attr("run_args", run_args)
+        study.set_user_attr("seed", args.seed)
+    elif stored != space.to_dict():
+        raise SearchError(f"study {args.study_name!r} in this storage was created for another search space "
+                          f"({SearchSpace.from_dict(stored).describe()}); give the same ranges/grid, or another "
+                          "--study-name")
+    return study
+
+
+def _run_worker(study, space: SearchSpace, args, base: list[str], out: Path) -> None:
+    import optuna
+    import torch
+
+    from abkd_vision.search.landscape import write_outputs
+    from abkd_vision.search.objective import Objective, trial_line
+
+    threads, previous_threads = args.threads or os.environ.get(_THREADS_ENV), torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    prefix = f"[worker {args.worker_id}] " if args.worker_only else ""
+
+    def after_trial(study: optuna.Study, trial) -> None:
+        print(prefix + trial_line(trial), flush=True)
+        if not args.worker_only:
+            write_outputs(study, out, args.storage)
+
+    n_trials = args.n_trials if args.n_trials is not None else (None if space.is_grid else 20)
+    try:
+        study.optimize(Objective(space, base, out, args.seed, args.worker_id), n_trials=n_trials,
+                       catch=(Exception,), callbacks=[after_trial])
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _worker_command(args, extra: list[str], worker_id: int) -> list[str]:
+    cmd = [sys.executable, "-m", "abkd_vision.search", "--out", str(args.out), "--study-name", args.study_name,
+           "--storage", args.storage, "--seed", str(args.seed), "--pruner", args.pruner,
+           "--pruner-startup-trials", str(args.pruner_startup_trials),
+           "--pruner-warmup-epochs", str(args.pruner_warmup_epochs), "--worker-only", "--worker-id", str(worker_id)]
+    if args.grid_alpha:
+        cmd += ["--grid-alpha", *map(repr, args.grid_alpha), "--grid-beta", *map(repr, args.grid_beta)]
+    else:
+        cmd += ["--alpha-range", *map(repr, args.alpha_range), "--beta-range", *map(repr, args.beta_range)]
+    if args.n_trials is not None:
+        cmd += ["--n-trials", str(args.n_trials)]
+    for config in args.config:
+        cmd += ["--config", config]
+    return cmd + extra
+
+
+def _start_workers(args, extra: list[str]) -> int:
+    env = {**os.environ, _CHECKED_ENV: "1",
+           _THREADS_ENV: str(args.threads or max(1, (os.cpu_count() or 1) // args.workers))}
+    procs = [subprocess.Popen(_worker_command(args, extra, args.worker_id + i), env=env)
+             for i in range(args.workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    return max(codes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parser().parse_known_args(argv)
+    if extra and extra[0] == "fit":
+        extra = extra[1:]
+    try:
+        space = _check_args(args, extra)
+        args.out = args.out.resolve()
+        if args.report_only and not args.out.is_dir() and args.storage is None:
+            raise SearchError(f"--out {args.out} does not exist: nothing to report")
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.storage is None:
+            args.storage = f"sqlite:///{args.out / 'study.db'}"
+        return _main(args, extra, space)
+    except SearchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to add trials, or --report-only for the outputs",
+              file=sys.stderr)
+        return 130
+
+
+def _quiet() -> None:
+    import optuna
+
+    from abkd_vision.cli import quiet_lightning
+
+    quiet_lightning()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    class _DropTrialFailed(logging.Filter):  # the search prints its own line for a failed trial
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.getMessage().startswith("Trial ") and " failed" in record.getMessage())
+
+    optuna.logging.get_logger("optuna").addFilter(_DropTrialFailed())
+    for name in ("optuna.study.study", "optuna.study._optimize"):
+        logging.getLogger(name).addFilter(_DropTrialFailed())
+
+
+def _main(args, extra: list[str], space: SearchSpace) -> int:
+    import optuna
+
+    from abkd_vision.search.landscape import redact
+    from abkd_vision.search.objective import check_run_config, cli_args
+
+    _quiet()
+    storage = open_storage(args.storage, args.out)
+    if args.report_only:
+        try:
+            study = optuna.load_study(study_name=args.study_name, storage=storage)
+        except KeyError:
+            names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+            raise SearchError(f"no study {args.study_name!r} in {redact(args.storage)} (studies there: "
+                              f"{', '.join(names) or 'none'}); give --study-name") from None
+        return _report(study, args)
+
+    base = cli_args(args.config, extra)
+    if not os.environ.get(_CHECKED_ENV):
+        info = check_run_config(base, args.out)
+        if not args.worker_only:
+            print(f"search: {space.describe()}; {info['model']} with {info['head']} + AlphaBetaDivergence "
+                  f"(config alpha {info['config_alpha']}, beta {info['config_beta']}); study {args.study_name!r} "
+                  f"in {redact(args.storage)}", flush=True)
+    study = _load_or_create(storage, args, space, base)
+    if args.workers > 1:
+        code = _start_workers(args, extra)
+        status = _report(study, args)
+        return max(code and 1, status)
+    _run_worker(study, space, args, base, args.out)
+    if args.worker_only:
+        return 0
+    return _report(study, args)
+
+
+def _report(study, args) -> int:
+    from abkd_vision.search.landscape import write_outputs
+
+    result = write_outputs(study, args.out, args.storage)
+    best, paths = result["best"], result["paths"]
+    counts = f"{best['n_complete']} complete, {best['n_pruned']} pruned, {best['n_fail']} failed"
+    if best["alpha"] is None:
+        print(f"no completed trial ({counts}); outputs: {paths['csv']}", file=sys.stderr)
+        return 1
+    print(f"best: alpha {best['alpha']:.4f}  beta {best['beta']:.4f}  val/acc1 {100 * best['value']:.2f}%  "
+          f"(trial {best['trial']}, {best['run_dir']}; {counts})")
+    print(f"outputs: {paths['best']}  {paths['csv']}  {paths['plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
