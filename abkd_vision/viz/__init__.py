@@ -1,0 +1,1 @@
+"""Figures: the ABKD paper's toy fit (``python -m abkd_vision.viz.toy``)."""
