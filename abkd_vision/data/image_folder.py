@@ -18,17 +18,25 @@ RGB; every image is resized to ``image_size`` x ``image_size``), labels ``int64 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from abkd_vision.data.base import ClassificationDataModule
-from abkd_vision.data.transforms import CIFAR100_MEAN, CIFAR100_STD, cifar_eval_transform, cifar_train_transform
+from abkd_vision.data.transforms import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    CropFlipViews,
+    IndexedViews,
+    cifar_eval_transform,
+    cifar_train_transform,
+)
 
 __all__ = ["ImageFolderDataModule", "list_classes"]
 
@@ -133,6 +141,12 @@ class ImageFolderDataModule(ClassificationDataModule):
         std = CIFAR100_STD if std is None else std
         self.train_transform = train_transform or cifar_train_transform(image_size, mean, std, padding, hflip)
         self.eval_transform = eval_transform or cifar_eval_transform(image_size, mean, std)
+        # The view-naming form of the default augmentation (none for a custom train_transform).
+        self.train_views = None if train_transform is not None else CropFlipViews(image_size, mean, std, padding,
+                                                                                  hflip)
+        # Set by DistillationModule(teacher_cache=...) when its cache is usable: training batches are then
+        # (images, target, index, view) (see abkd_vision.teacher_cache); otherwise (images, target).
+        self.return_views = False
         self.train_set: ImageFolder | None = None
         self.val_set: ImageFolder | None = None
         self.test_set: ImageFolder | None = None
@@ -194,3 +208,26 @@ class ImageFolderDataModule(ClassificationDataModule):
             # The folders could have changed between __init__ and setup; labels must keep their meaning.
             if ds is not None and ds.classes != self.class_names:
                 raise ValueError(f"class folders of {ds.root} changed since __init__; {LAYOUT_HELP}")
+
+    def teacher_views(self) -> CropFlipViews | None:
+        """The view-naming form of the training augmentation (None for a custom ``train_transform``)."""
+        return self.train_views
+
+    def view_dataset_key(self) -> dict:
+        """What identifies the training images and their order (part of a teacher-logit cache key): the root,
+        the subset, and a SHA-256 of the ordered (relative path, label) list."""
+        if self.train_set is None:
+            raise RuntimeError("call setup('fit') first")
+        ds = self.train_set.dataset if isinstance(self.train_set, Subset) else self.train_set
+        indices = self.train_set.indices if isinstance(self.train_set, Subset) else range(len(ds))
+        digest = hashlib.sha256()
+        for i in indices:
+            path, label = ds.samples[i]
+            digest.update(f"{os.path.relpath(path, ds.root)}\t{label}\n".encode())
+        return {"dataset": f"imagefolder:{self.root}", "split": "train", "num_images": len(self.train_set),
+                "train_per_class": self.hparams.train_per_class, "files_sha256": digest.hexdigest()}
+
+    def train_dataloader(self) -> DataLoader:
+        if self.return_views and self.train_set is not None and self.train_views is not None:
+            return self._loader(IndexedViews(self.train_set, self.train_views), train=True)
+        return super().train_dataloader()

@@ -12,14 +12,21 @@ one (RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize), w
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
+import torch
 from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 __all__ = [
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "CropFlipViews",
+    "IndexedViews",
     "ToRGB",
     "cifar_eval_transform",
     "cifar_train_transform",
@@ -90,3 +97,119 @@ def cifar_eval_transform(
     Returns a callable: PIL image -> float tensor ``[3, image_size, image_size]``.
     """
     return _compose(image_size, mean, std, augment=[])
+
+
+class CropFlipViews:
+    """The training transform of :func:`cifar_train_transform`, telling which of its finitely many views it drew.
+
+    ToRGB -> Resize((image_size, image_size)) -> pad ``padding`` (zeros) -> crop at (dy, dx) -> flip (if drawn)
+    -> ToTensor -> Normalize. The random numbers are drawn from torch's global generator exactly as
+    torchvision's ``RandomCrop(image_size, padding=padding)`` followed by ``RandomHorizontalFlip()`` draw them
+    (``randint`` for the row offset, ``randint`` for the column offset, then ``rand(1) < 0.5``; nothing is drawn
+    for the crop when ``padding == 0``), so for the same generator state the image is the same tensor as the one
+    ``cifar_train_transform`` returns, and a run consumes the RNG identically with or without views.
+
+    Calling it returns ``(image [3, S, S], view)`` with ``view = (dy * (2 * padding + 1) + dx) * F + flip``
+    (``F`` = 2 with ``hflip``, else 1), in ``0..num_views - 1``: 162 views for the CIFAR recipe (9 x 9 x 2).
+    """
+
+    def __init__(self, image_size: int = 32, mean: Sequence[float] = CIFAR100_MEAN,
+                 std: Sequence[float] = CIFAR100_STD, padding: int = 4, hflip: bool = True):
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0, got {padding}")
+        self.image_size, self.padding, self.hflip = int(image_size), int(padding), bool(hflip)
+        self.mean, self.std = _check_stats(mean, std)
+        self.side = 2 * self.padding + 1  # crop offsets per axis
+        self.flips = 2 if self.hflip else 1
+        self.num_views = self.side * self.side * self.flips
+        self._resize = T.Resize((self.image_size, self.image_size), antialias=True)
+        self._to_rgb = ToRGB()
+
+    def params(self) -> dict:
+        """What identifies the views (a teacher-logit cache key)."""
+        return {"transform": "torgb-resize-pad0-crop-hflip-totensor-normalize", "image_size": self.image_size,
+                "padding": self.padding, "hflip": self.hflip, "mean": list(self.mean), "std": list(self.std)}
+
+    def view_id(self, dy: int, dx: int, flip: bool) -> int:
+        return (dy * self.side + dx) * self.flips + int(flip)
+
+    def view_params(self, view: int) -> tuple[int, int, bool]:
+        """(dy, dx, flip) of a view id."""
+        if not 0 <= view < self.num_views:
+            raise ValueError(f"view must be in 0..{self.num_views - 1}, got {view}")
+        rest, flip = divmod(int(view), self.flips)
+        dy, dx = divmod(rest, self.side)
+        return dy, dx, bool(flip)
+
+    def draw(self) -> tuple[int, int, bool]:
+        """(dy, dx, flip) drawn from torch's global RNG in torchvision's order and distribution."""
+        dy = dx = 0
+        if self.padding > 0:  # RandomCrop.get_params draws nothing when the padded image equals the crop
+            dy = int(torch.randint(0, self.side, size=(1,)).item())
+            dx = int(torch.randint(0, self.side, size=(1,)).item())
+        flip = bool(torch.rand(1) < 0.5) if self.hflip else False
+        return dy, dx, flip
+
+    def prepare(self, img: Image.Image) -> Image.Image:
+        """The deterministic part before augmentation: RGB, resized to image_size."""
+        return self._resize(self._to_rgb(img))
+
+    def apply(self, img: Image.Image, dy: int, dx: int, flip: bool) -> Tensor:
+        """The view (dy, dx, flip) of a prepared image, as the normalised tensor."""
+        if self.padding > 0:
+            img = TF.pad(img, self.padding, fill=0)
+        img = TF.crop(img, dy, dx, self.image_size, self.image_size)
+        if flip:
+            img = TF.hflip(img)
+        return TF.normalize(TF.to_tensor(img), self.mean, self.std)
+
+    def all_views(self, img: Image.Image) -> Tensor:
+        """Every view of ``img`` at once, ``[num_views, 3, S, S]`` in view-id order (same values as ``apply``)."""
+        x = TF.to_tensor(self.prepare(img))
+        p, s = self.padding, self.image_size
+        x = torch.nn.functional.pad(x, (p, p, p, p))  # zeros, as PIL padding with fill 0
+        crops = x.unfold(1, s, 1).unfold(2, s, 1)  # [3, side, side, s, s]
+        crops = crops.permute(1, 2, 0, 3, 4)  # [side, side, 3, s, s]
+        views = torch.stack([crops, crops.flip(-1)], dim=2) if self.hflip else crops.unsqueeze(2)
+        views = views.reshape(self.num_views, 3, s, s)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (views - mean) / std
+
+    def __call__(self, img: Image.Image) -> tuple[Tensor, int]:
+        img = self.prepare(img)
+        dy, dx, flip = self.draw()
+        return self.apply(img, dy, dx, flip), self.view_id(dy, dx, flip)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(image_size={self.image_size}, padding={self.padding}, "
+                f"hflip={self.hflip}, mean={self.mean}, std={self.std})")
+
+
+def _with_transform(dataset: Dataset, transform) -> Dataset:
+    """A shallow copy of a torchvision dataset (or a Subset of one) whose ``transform`` is replaced."""
+    if isinstance(dataset, Subset):
+        return Subset(_with_transform(dataset.dataset, transform), dataset.indices)
+    if not hasattr(dataset, "transform"):
+        raise TypeError(f"{type(dataset).__name__} has no transform attribute to replace")
+    copied = copy.copy(dataset)
+    copied.transform = transform
+    return copied
+
+
+class IndexedViews(Dataset):
+    """``dataset`` (a torchvision dataset or a Subset of one) with its transform replaced by ``views``
+    (:class:`CropFlipViews`); item ``i`` is ``(image, target, i, view)``. The wrapped dataset is not changed."""
+
+    def __init__(self, dataset: Dataset, views: CropFlipViews):
+        self.dataset = _with_transform(dataset, views)
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        (image, view), target = self.dataset[index]
+        return image, target, int(index), view

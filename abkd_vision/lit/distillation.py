@@ -8,6 +8,10 @@ One training step::
 
 The method is the injected ``head`` (KD, DKD, LSD, TTM) and its ``divergence``; ABKD and friends are
 configurations, not subclasses.
+
+With ``teacher_cache`` (opt-in) the teacher's logits for every (training image, crop/flip view) are kept in a
+memory-mapped cache (:mod:`abkd_vision.teacher_cache`): the data module then yields
+``(images, target, index, view)`` and the teacher runs only on views not cached yet.
 """
 
 from __future__ import annotations
@@ -20,26 +24,54 @@ from torch import Tensor, nn
 from abkd_vision.heads import KD, DistillationHead
 from abkd_vision.lit.classifier import ImageClassificationTask, mean_entropy
 from abkd_vision.models import create_model, load_checkpoint
+from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache, cache_key, teacher_sha256
 
 
 class FrozenTeacher(nn.Module):
     """Wraps the teacher so that it is in eval mode at every moment and never receives gradients.
 
     ``train(True)`` is ignored, so BatchNorm statistics never change; ``forward`` runs under no_grad.
-    This is the seam where cached teacher logits can later stand in for a live network.
+
+    With a :class:`~abkd_vision.teacher_cache.TeacherLogitCache` attached (``cache``) and the batch's sample
+    indices and view ids given, ``forward(images, index, view)`` reads the cached logits and runs the network
+    only on the samples whose view is not cached yet, writing them to the cache. Every logit returned then is
+    rounded to the cache's dtype (also the freshly computed ones), so a run gives the same result whether the
+    cache was empty or full. ``cache_hits``/``cache_misses`` count samples; ``last_hit_rate`` is the last batch's.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.requires_grad_(False)
         self.train(False)
+        self.cache: TeacherLogitCache | None = None
+        self.cache_hits = self.cache_misses = 0
+        self.last_hit_rate: float | None = None
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        return self.model(images)
+    def forward(self, images: Tensor, index: Tensor | None = None, view: Tensor | None = None) -> Tensor:
+        if self.cache is None or index is None or view is None:
+            return self.model(images)
+        return self.cached_forward(images, index, view)
+
+    @torch.no_grad()
+    def cached_forward(self, images: Tensor, index: Tensor, view: Tensor) -> Tensor:
+        cache = self.cache
+        logits, filled = cache.lookup(index, view)  # host arrays: one device -> host copy of index/view
+        miss = ~filled
+        n_miss = int(miss.sum())
+        if n_miss:
+            live = self.model(images[miss.to(images.device)])
+            rounded = cache.round(live.float())
+            cache.write(index.cpu()[miss], view.cpu()[miss], rounded.cpu())
+            logits[miss] = rounded.cpu()
+        n = int(filled.numel())
+        self.cache_hits += n - n_miss
+        self.cache_misses += n_miss
+        self.last_hit_rate = (n - n_miss) / n if n else 1.0
+        return logits.to(images.device)
 
 
 class DistillationModule(ImageClassificationTask):
@@ -56,6 +88,12 @@ class DistillationModule(ImageClassificationTask):
         kd_warmup_epochs: the KD term is scaled by min((epoch + 1) / kd_warmup_epochs, 1) (DKD uses 20; 0 = off).
         evaluate_teacher: measure the teacher's validation accuracy once when fitting starts (published
             teachers have been found weaker than claimed).
+        teacher_cache: a folder for the exact teacher-logit cache (:mod:`abkd_vision.teacher_cache`), or a
+            cache folder itself; None (default) = always the live teacher. Needs the default crop/flip training
+            augmentation of ``CIFAR100DataModule``/``ImageFolderDataModule``; any other setting (another
+            augmentation, a cache folder made for another teacher or transform) falls back to the live teacher
+            and says so once. Logs ``train/teacher_cache_hit_rate``.
+        teacher_cache_dtype: "float16" (default) or "float32" storage of the cached logits.
         Other args: as in ``ClassifierModule`` (SGD recipe; lr None -> 0.05, 0.01 for MobileNet/ShuffleNet
         students; ``nonfinite``/``max_skipped_steps``: the NaN/inf policy).
     """
@@ -68,7 +106,8 @@ class DistillationModule(ImageClassificationTask):
                  kd_warmup_epochs: int = 0, evaluate_teacher: bool = True, student_kwargs: dict | None = None,
                  lr: float | None = None, momentum: float = 0.9, weight_decay: float = 5e-4,
                  nesterov: bool = False, lr_milestones: list[int] | None = None, lr_decay: float = 0.1,
-                 label_smoothing: float = 0.0, nonfinite: str = "raise", max_skipped_steps: int = 100):
+                 label_smoothing: float = 0.0, nonfinite: str = "raise", max_skipped_steps: int = 100,
+                 teacher_cache: str | None = None, teacher_cache_dtype: str = "float16"):
         super().__init__()
         self.save_hyperparameters(ignore=["head"])
         self.student = create_model(student, num_classes=num_classes, **(student_kwargs or {}))
@@ -83,6 +122,56 @@ class DistillationModule(ImageClassificationTask):
         self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
         self.init_task(student, num_classes, lr, nonfinite, max_skipped_steps)
         self.teacher_val_acc1: float | None = None
+        if teacher_cache_dtype not in ("float16", "float32"):
+            raise ValueError(f"teacher_cache_dtype must be 'float16' or 'float32', got {teacher_cache_dtype!r}")
+        self.teacher_cache_note: str | None = None  # why the cache is off (or where it is), once set up
+
+    # -- the teacher-logit cache -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.get("teacher_cache"):
+            self.setup_teacher_cache()
+
+    def teacher_sha256(self) -> str:
+        """SHA-256 of the teacher checkpoint file, or of the teacher's weights when there is no such file."""
+        return teacher_sha256(self.hparams.teacher_ckpt, self.teacher.model)
+
+    def setup_teacher_cache(self) -> TeacherLogitCache | None:
+        """Attach the cache to the teacher and make the data module yield views; or fall back, saying why."""
+        location = self.hparams.teacher_cache
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        views = datamodule.teacher_views() if hasattr(datamodule, "teacher_views") else None
+        if views is None:
+            what = type(datamodule).__name__ if datamodule is not None else "no data module"
+            return self._cache_off(f"the training data ({what}) has no cacheable crop/flip augmentation "
+                                   "(CIFAR100DataModule/ImageFolderDataModule with their default train transform)")
+        try:
+            key = cache_key(teacher=self.hparams.teacher, num_classes=self.num_classes,
+                            teacher_sha256=self.teacher_sha256(), dataset=datamodule.view_dataset_key(),
+                            views=views, dtype=self.hparams.teacher_cache_dtype)
+            cache = TeacherLogitCache.open(location, key)
+        except CacheMismatch as err:
+            return self._cache_off(str(err))
+        self.teacher.cache = cache
+        datamodule.return_views = True
+        self.teacher_cache_note = f"teacher cache {cache.directory}"
+        rank_zero_info(f"teacher logits cached in {cache.directory} ({cache.filled_count():,} of "
+                       f"{cache.num_images * cache.num_views:,} image views filled; the rest are filled as "
+                       "training meets them)")
+        return cache
+
+    def _cache_off(self, reason: str) -> None:
+        self.teacher.cache = None
+        self.teacher_cache_note = f"teacher cache off: {reason}"
+        rank_zero_info(f"teacher cache {self.hparams.teacher_cache} not used, the live teacher runs instead: {reason}")
+        return None
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.teacher.cache is not None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if hasattr(datamodule, "return_views"):
+                datamodule.return_views = False
+            self.teacher.cache.close()
+            self.teacher.cache = None
 
     # -- training ----------------------------------------------------------------------------------------
     def kd_scale(self) -> float:
@@ -90,8 +179,8 @@ class DistillationModule(ImageClassificationTask):
         return min((self.current_epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        images, target = batch
-        teacher_logits = self.teacher(images)
+        images, target, *views = batch  # (images, target, index, view) when the teacher cache is on
+        teacher_logits = self.teacher(images, *views)
         student_logits = self.student(images)
         ce = F.cross_entropy(student_logits, target, label_smoothing=self.hparams.label_smoothing)
         kd = self.head(student_logits, teacher_logits, target)
@@ -101,6 +190,9 @@ class DistillationModule(ImageClassificationTask):
                       prog_bar=True)
         self.log_dict({"train/kd_scale": scale, "train/student_entropy": mean_entropy(student_logits.detach())},
                       on_step=False, on_epoch=True, sync_dist=True)
+        if views and self.teacher.last_hit_rate is not None:
+            self.log("train/teacher_cache_hit_rate", self.teacher.last_hit_rate, on_step=True, on_epoch=True,
+                     batch_size=target.shape[0])
         return self.guard_loss(loss, ce=ce, kd=kd)
 
     # -- teacher checks ----------------------------------------------------------------------------------
