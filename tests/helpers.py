@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import random
+import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
+import torch
 
 from abkd_vision.data import export_image_folder
 
@@ -26,3 +31,19 @@ def tiny_image_folder(root: Path, n_train: int, n_test: int, size: int = 16, cla
             images = rng.integers(0, 255, (n, size, size, 3)).astype(np.uint8)
         export_image_folder(images, labels, root, split, list(classes))
     return root
+
+
+def parse_only_cli(*configs: Path):
+    """The run.py CLI built once from ``configs`` without instantiating anything (its parser checks more files);
+    global RNG state is restored after."""
+    from abkd_vision.cli import DistillationCLI, main
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    # sys.argv is pytest's: LightningCLI warns when it sees both args and command-line arguments.
+    with mock.patch.dict(os.environ), mock.patch.object(sys, "argv", ["run.py"]), \
+            mock.patch.object(DistillationCLI, "instantiate_classes", lambda self: None):
+        built = main([arg for c in configs for arg in ("--config", str(c))], run=False)
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+    return built

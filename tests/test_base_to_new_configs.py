@@ -4,17 +4,13 @@ every file parses through the run.py parser composed with base.yaml."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import random
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
-import numpy as np
 import pytest
-import torch
 import yaml
+from helpers import parse_only_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "base_to_new"
@@ -81,17 +77,8 @@ def test_alpha_beta_from_table6_and_lambda_conventions(dataset):
 
 @pytest.fixture(scope="module")
 def cli():
-    """The run.py CLI built once without instantiating anything; global RNG state restored after."""
-    from abkd_vision.cli import DistillationCLI, main
-
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    with mock.patch.dict(os.environ), mock.patch.object(sys, "argv", ["run.py"]), \
-            mock.patch.object(DistillationCLI, "instantiate_classes", lambda self: None):
-        built = main(["--config", str(BASE), "--config", str(CONFIGS / "teacher" / "EuroSAT.yaml")], run=False)
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
-    return built
+    """The run.py CLI built once, without instantiating anything."""
+    return parse_only_cli(BASE, CONFIGS / "teacher" / "EuroSAT.yaml")
 
 
 @pytest.mark.parametrize("path", sorted(p for p in CONFIGS.rglob("*.yaml") if p != BASE),

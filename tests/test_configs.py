@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import random
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import parse_only_cli
 
 from abkd_vision.heads import DKD, KD, LSD, TTM
 from abkd_vision.lit import ClassifierModule, DistillationModule
@@ -145,18 +144,8 @@ def test_published_method_settings(method, pair):
 
 @pytest.fixture(scope="module")
 def cli():
-    """The run.py CLI built once, without instantiating anything; global RNG/env state is restored after."""
-    from abkd_vision.cli import DistillationCLI, main
-
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    # sys.argv is pytest's: LightningCLI warns when it sees both args and command-line arguments.
-    with mock.patch.dict(os.environ), mock.patch.object(sys, "argv", ["run.py"]), \
-            mock.patch.object(DistillationCLI, "instantiate_classes", lambda self: None):
-        built = main(["--config", str(BASE), "--config", str(CONFIGS / "teachers" / "resnet20.yaml")], run=False)
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
-    return built
+    """The run.py CLI built once, without instantiating anything."""
+    return parse_only_cli(BASE, CONFIGS / "teachers" / "resnet20.yaml")
 
 
 def parse(cli, path: Path, *extra: str):

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from abkd_vision.io import atomic_write
 
-__all__ = ["GuardedTraining", "NONFINITE_POLICIES", "NonFiniteGuard", "save_recovery_checkpoint", "write_results"]
+__all__ = ["GuardedTraining", "NONFINITE_POLICIES", "NonFiniteGuard", "count_correct", "kd_warmup_scale",
+           "save_recovery_checkpoint", "write_results"]
 
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -165,6 +166,28 @@ class GuardedTraining:
 
     def on_train_epoch_end(self) -> None:
         self.nonfinite_guard.check(self)
+
+
+def kd_warmup_scale(epoch: int, warmup_epochs: int) -> float:
+    """min((epoch + 1) / warmup_epochs, 1), or 1 without warm-up (DKD's linear KD warm-up)."""
+    return min((epoch + 1) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
+
+
+@torch.no_grad()
+def count_correct(module: LightningModule, loader, predict) -> tuple[int, int]:
+    """``(correct, total)`` of ``predict(images).argmax(-1)`` over ``loader``, summed over every process and
+    limited to the trainer's ``limit_val_batches`` when it is a batch count."""
+    limit = module.trainer.limit_val_batches
+    max_batches = limit if isinstance(limit, int) else None
+    counts = torch.zeros(2, dtype=torch.long, device=module.device)
+    for i, (images, target) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        images, target = images.to(module.device), target.to(module.device)
+        counts[0] += (predict(images).argmax(dim=-1) == target).sum()
+        counts[1] += target.numel()
+    correct, total = module.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+    return int(correct), int(total)
 
 
 def write_results(module: LightningModule, summary: dict, name: str = "results.json") -> Path | None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from abkd_vision.heads import KD, DistillationHead
 from abkd_vision.lit.classifier import ImageClassificationTask, mean_entropy
+from abkd_vision.lit.common import count_correct, kd_warmup_scale
 from abkd_vision.models import create_model, load_checkpoint
 from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache, cache_key, teacher_sha256
 
@@ -175,8 +176,7 @@ class DistillationModule(ImageClassificationTask):
 
     # -- training ----------------------------------------------------------------------------------------
     def kd_scale(self) -> float:
-        warmup = self.hparams.kd_warmup_epochs
-        return min((self.current_epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
+        return kd_warmup_scale(self.current_epoch, self.hparams.kd_warmup_epochs)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, target, *views = batch  # (images, target, index, view) when the teacher cache is on
@@ -212,15 +212,7 @@ class DistillationModule(ImageClassificationTask):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return None
-        limit = self.trainer.limit_val_batches
-        max_batches = limit if isinstance(limit, int) else None
-        correct = total = 0
-        for i, (images, target) in enumerate(datamodule.val_dataloader()):
-            if max_batches is not None and i >= max_batches:
-                break
-            images, target = images.to(self.device), target.to(self.device)
-            correct += (self.teacher(images).argmax(dim=-1) == target).sum().item()
-            total += target.numel()
+        correct, total = count_correct(self, datamodule.val_dataloader(), self.teacher)
         if total == 0:
             return None
         acc = correct / total

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from abkd_vision.heads import DKD, KD, DistillationHead
 from abkd_vision.lit.base_to_new import BaseToNewTask
+from abkd_vision.lit.common import count_correct, kd_warmup_scale
 from abkd_vision.metrics import harmonic_mean
 from abkd_vision.models.clip import PromptedCLIP, PromptedImageStudent, TextFeatureCache, load_prompt_checkpoint
 
@@ -45,9 +46,11 @@ class FrozenCLIPTeacher(nn.Module):
         return self.cache.get(self.model, class_names)
 
     @torch.no_grad()
+    def logits(self, images: Tensor, text_features: Tensor) -> Tensor:
+        return self.model(images, text_features.to(images.dtype))
+
     def forward(self, images: Tensor, class_names: list[str]) -> Tensor:
-        text = self.text_features(class_names)
-        return self.model(images, text.to(images.dtype))
+        return self.logits(images, self.text_features(class_names))
 
 
 class PromptDistillationModule(BaseToNewTask):
@@ -138,19 +141,10 @@ class PromptDistillationModule(BaseToNewTask):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return None
-        limit = self.trainer.limit_val_batches
-        max_batches = limit if isinstance(limit, int) else None
         result = {}
         for group, loader in zip(("base", "new"), datamodule.val_dataloader()):
             text = self.teacher.text_features(self.class_names)[self.group_slice(group)]
-            counts = torch.zeros(2, dtype=torch.long, device=self.device)  # correct, total
-            for i, (images, target) in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                images, target = images.to(self.device), target.to(self.device)
-                counts[0] += (self.teacher.model(images, text).argmax(-1) == target).sum()
-                counts[1] += target.numel()
-            correct, total = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()  # every rank's share
+            correct, total = count_correct(self, loader, lambda images, text=text: self.teacher.model(images, text))
             result[f"{group}_acc"] = correct / total if total else float("nan")
         result["hm"] = harmonic_mean(result["base_acc"], result["new_acc"])
         rank_zero_info(f"teacher: base {100 * result['base_acc']:.2f}%, new {100 * result['new_acc']:.2f}%, "
@@ -161,13 +155,13 @@ class PromptDistillationModule(BaseToNewTask):
 
     # -- training ------------------------------------------------------------------------------------------------
     def kd_scale(self) -> float:
-        warmup = self.hparams.kd_warmup_epochs
-        return min((self.current_epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
+        return kd_warmup_scale(self.current_epoch, self.hparams.kd_warmup_epochs)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, target = batch
-        teacher_logits = self.teacher(images, self.class_names)
-        student_logits = self.student(images, self.teacher.text_features(self.class_names))
+        text = self.teacher.text_features(self.class_names)  # one cache lookup serves both networks
+        teacher_logits = self.teacher.logits(images, text)
+        student_logits = self.student(images, text)
         kd = self.head(student_logits, teacher_logits, target)
         scale = self.kd_scale()
         loss = self.kd_weight * scale * kd
