@@ -11,7 +11,11 @@ Measured in one run, interleaved in blocks so that machine load hits every mode 
 * ``teacher_forward``: the teacher's forward alone (no grad);
 * ``plain_loop``: the KD step written as plain PyTorch (``F.kl_div`` on the teacher's and student's tempered
   log-softmax, times T^2, plus CE), the loop the reference code bases run;
-* ``head_share``: each head's forward + backward time as a fraction of a student step (100 classes).
+* ``head_share``: each head's forward + backward time as a fraction of a student step (100 classes);
+* with ``--compile``, ``student_compiled`` and ``kd_cached_compiled``: the same steps with ``torch.compile``'d
+  student (default inductor backend; compilation happens in the warm-up, outside the timing).
+
+``--channels-last`` runs every mode with NHWC weights and inputs (the modules' ``channels_last`` option).
 
 The last line printed is one JSON object with every figure and ratio.
 """
@@ -44,6 +48,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 blocks of 3 steps")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs in every mode")
+    parser.add_argument("--compile", action="store_true", help="also time steps with a torch.compile'd student")
     args = parser.parse_args()
     if args.quick:
         args.blocks, args.steps = 2, 3
@@ -59,6 +65,11 @@ def main() -> None:
     n_images = 4096
     batches = [(torch.randn(bs, 3, 32, 32), torch.randint(0, classes, (bs,)), torch.randperm(n_images)[:bs],
                 torch.randint(0, views.num_views, (bs,))) for _ in range(args.steps)]
+    if args.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+        student.to(memory_format=torch.channels_last)
+        batches = [(b[0].contiguous(memory_format=torch.channels_last), *b[1:]) for b in batches]
+    compiled = torch.compile(student) if args.compile else None
 
     def timed(fn) -> float:
         start = time.perf_counter()
@@ -73,9 +84,9 @@ def main() -> None:
     def student_step(b):
         update(F.cross_entropy(student(b[0]), b[1]))
 
-    def kd_step(b, cached: bool):
+    def kd_step(b, cached: bool, net=student):
         t = teacher(b[0], b[2], b[3]) if cached else teacher(b[0])
-        s = student(b[0])
+        s = net(b[0])
         update(F.cross_entropy(s, b[1]) + head(s, t, b[1]))
 
     def plain_step(b):
@@ -91,6 +102,9 @@ def main() -> None:
 
     modes = {"student": student_step, "kd_live": lambda b: kd_step(b, False),
              "kd_cached": lambda b: kd_step(b, True), "teacher_forward": teacher_forward, "plain_loop": plain_step}
+    if compiled is not None:
+        modes["student_compiled"] = lambda b: update(F.cross_entropy(compiled(b[0]), b[1]))
+        modes["kd_cached_compiled"] = lambda b: kd_step(b, True, compiled)
     with tempfile.TemporaryDirectory() as folder:
         key = cache_key(teacher=args.teacher, num_classes=classes, teacher_sha256=sha256_weights(teacher.model),
                         dataset={"dataset": "benchmark", "split": "train", "num_images": n_images}, views=views)
@@ -119,12 +133,16 @@ def main() -> None:
 
     summary = {
         "teacher": args.teacher, "student": args.student, "batch_size": bs, "threads": torch.get_num_threads(),
+        "channels_last": args.channels_last,
         **{f"{k}_img_s": round(v, 1) for k, v in img_s.items()},
         "kd_cached_over_student_time": round(img_s["student"] / img_s["kd_cached"], 3),
         "kd_live_over_plain_loop_time": round(img_s["plain_loop"] / img_s["kd_live"], 3),
         "kd_live_over_student_time": round(img_s["student"] / img_s["kd_live"], 3),
         "head_share": head_share,
     }
+    if compiled is not None:
+        summary["compiled_speedup_student"] = round(img_s["student_compiled"] / img_s["student"], 3)
+        summary["compiled_speedup_kd_cached"] = round(img_s["kd_cached_compiled"] / img_s["kd_cached"], 3)
     for name, v in img_s.items():
         print(f"{name:16s} {v:8.1f} images/s")
     print(f"KD step with a warm cache: {summary['kd_cached_over_student_time']}x a student-only step; "

@@ -15,6 +15,30 @@ def _accelerator_available() -> bool:
     return torch.cuda.is_available()
 
 
+def auto_num_workers(local_processes: int | None = None, cap: int = 8) -> int:
+    """DataLoader workers per process when none are given: the CPU cores this process may use, shared by the
+    processes of this node (``LOCAL_WORLD_SIZE``, set by torchrun and Lightning's DDP), minus one for the
+    training process itself, at most ``cap`` (more rarely helps 32x32 images and costs memory)."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(0, min(cap, cores // max(1, local_processes) - 1))
+
+
+def resolve_num_workers(num_workers: int | None) -> int:
+    """``None`` -> :func:`auto_num_workers`; a negative count is an error."""
+    if num_workers is None:
+        return auto_num_workers()
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (or null for one per free CPU core), got {num_workers}")
+    return int(num_workers)
+
+
 def eval_sampler(dataset: Dataset, world_size: int | None = None, rank: int | None = None) -> Sampler | None:
     """Under distributed evaluation, a sampler that splits ``dataset`` across ranks *without padding*, so every
     sample is scored exactly once (the default DistributedSampler repeats samples to even out the ranks).
@@ -38,16 +62,17 @@ def make_dataloader(
     batch_size: int,
     shuffle: bool,
     drop_last: bool,
-    num_workers: int,
+    num_workers: int | None,
     pin_memory: bool,
 ) -> DataLoader:
     """DataLoader with the suite's conventions (shared by all data modules).
 
     Pinned memory is only requested when an accelerator exists (it is useless and warns on CPU-only
     machines); workers are kept alive between epochs when ``num_workers > 0``. Evaluation loaders
-    (``shuffle=False``) get :func:`eval_sampler` under DDP.
+    (``shuffle=False``) get :func:`eval_sampler` under DDP. ``num_workers`` None picks :func:`auto_num_workers`.
     """
     sampler = None if shuffle else eval_sampler(dataset)
+    num_workers = resolve_num_workers(num_workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -60,11 +85,12 @@ def make_dataloader(
     )
 
 
-def resumable_loader(datamodule, dataset: Dataset, batch_size: int, drop_last: bool, num_workers: int,
+def resumable_loader(datamodule, dataset: Dataset, batch_size: int, drop_last: bool, num_workers: int | None,
                      pin_memory: bool) -> DataLoader:
     """Training loader whose order and augmentation a mid-epoch resume reproduces (see data/resumable.py)."""
     from abkd_vision.data.resumable import EpochSampler, ResumableLoader, SeededViews
 
+    num_workers = resolve_num_workers(num_workers)
     seed = torch.initial_seed()  # the run's seed_everything value
     return ResumableLoader(SeededViews(dataset, seed), batch_size=batch_size,
                            sampler=EpochSampler(len(dataset), seed, batch_size, datamodule), drop_last=drop_last,

@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from abkd_vision.data.base import make_dataloader
+from abkd_vision.data.base import make_dataloader, resolve_num_workers
 from abkd_vision.data.coop import BASE_TO_NEW_DATASETS, COOP_DATA_HELP, missing_images, read_coop_dataset
 from abkd_vision.data.transforms import ToRGB
 
@@ -133,7 +133,8 @@ class BaseToNewDataModule(L.LightningDataModule):
         shots: images per class for training (teachers: 16); None = all.
         seed: the few-shot draw; None = ``torch.initial_seed()`` at setup, i.e. the run's ``seed_everything``.
         eval_split: "test" (the protocol: base/new test accuracy) or "val" (the held-out val split).
-        image_size, batch_size, eval_batch_size, num_workers, pin_memory, drop_last: as usual.
+        image_size, batch_size, eval_batch_size, num_workers, pin_memory, drop_last: as usual (num_workers None:
+            one per CPU core free for this process, at most 8).
         crop_scale: area range of the training RandomResizedCrop (Dassl's default (0.08, 1)).
         train_transform, eval_transform: replacements for the CLIP transforms (PIL image -> tensor).
 
@@ -143,9 +144,9 @@ class BaseToNewDataModule(L.LightningDataModule):
 
     def __init__(self, dataset: str, root: str = "data", train_classes: str = "all", shots: int | None = None,
                  seed: int | None = None, eval_split: str = "test", image_size: int = 224, batch_size: int = 8,
-                 eval_batch_size: int = 100, num_workers: int = 8, pin_memory: bool = True, drop_last: bool = False,
-                 crop_scale: tuple[float, float] = (0.08, 1.0), train_transform: Callable | None = None,
-                 eval_transform: Callable | None = None):
+                 eval_batch_size: int = 100, num_workers: int | None = None, pin_memory: bool = True,
+                 drop_last: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 train_transform: Callable | None = None, eval_transform: Callable | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
         if train_classes not in TRAIN_CLASSES:
@@ -154,9 +155,10 @@ class BaseToNewDataModule(L.LightningDataModule):
             raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {eval_split!r}")
         if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots <= 0):
             raise ValueError(f"shots must be a positive number of images per class or null (all), got {shots!r}")
-        if image_size <= 0 or batch_size <= 0 or eval_batch_size <= 0 or num_workers < 0:
-            raise ValueError(f"need positive image_size and batch sizes and num_workers >= 0, got {image_size=}, "
-                             f"{batch_size=}, {eval_batch_size=}, {num_workers=}")
+        if image_size <= 0 or batch_size <= 0 or eval_batch_size <= 0:
+            raise ValueError(f"need positive image_size and batch sizes, got {image_size=}, {batch_size=}, "
+                             f"{eval_batch_size=}")
+        resolve_num_workers(num_workers)
         self.dataset_name, self.root = dataset, root
         self.train_classes, self.eval_split = train_classes, eval_split
         info = read_coop_dataset(root, dataset, list_images=False)

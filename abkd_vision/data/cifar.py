@@ -24,7 +24,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR100
 
-from abkd_vision.data.base import ClassificationDataModule
+from abkd_vision.data.base import ClassificationDataModule, resolve_num_workers
 from abkd_vision.data.transforms import (
     CIFAR100_MEAN,
     CIFAR100_STD,
@@ -66,7 +66,8 @@ class CIFAR100DataModule(ClassificationDataModule):
             Off by default so that a run never touches the network unexpectedly.
         batch_size: training batch size.
         eval_batch_size: batch size of the val/test/predict loaders.
-        num_workers: DataLoader worker processes (0 = load in the main process).
+        num_workers: DataLoader worker processes (0 = load in the main process; None = one per CPU core free
+            for this process, at most 8: :func:`~abkd_vision.data.base.auto_num_workers`).
         pin_memory: pin host memory (only applied when an accelerator is available).
         drop_last: drop the last incomplete training batch (the reference recipe does; keeps batch
             statistics of BatchNorm and the per-batch KD loss scale uniform). Eval loaders never drop.
@@ -89,7 +90,7 @@ class CIFAR100DataModule(ClassificationDataModule):
         download: bool = False,
         batch_size: int = 64,
         eval_batch_size: int = 256,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         drop_last: bool = True,
         image_size: int = 32,
@@ -100,8 +101,7 @@ class CIFAR100DataModule(ClassificationDataModule):
         self.save_hyperparameters()
         if batch_size <= 0 or eval_batch_size <= 0:
             raise ValueError(f"batch sizes must be positive, got {batch_size=} {eval_batch_size=}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        resolve_num_workers(num_workers)  # checks it
         self.root = Path(root).expanduser().resolve()
         self.data_dir = self.root / CIFAR100.base_folder
         self.class_names: list[str] = list(CIFAR100_CLASSES)

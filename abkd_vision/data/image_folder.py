@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from abkd_vision.data.base import ClassificationDataModule
+from abkd_vision.data.base import ClassificationDataModule, resolve_num_workers
 from abkd_vision.data.transforms import (
     CIFAR100_MEAN,
     CIFAR100_STD,
@@ -95,7 +95,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         mean, std: normalisation statistics (3 values each); ``None`` = CIFAR-100 statistics.
         batch_size: training batch size.
         eval_batch_size: batch size of the val/test/predict loaders.
-        num_workers: DataLoader worker processes (0 = load in the main process).
+        num_workers: DataLoader worker processes (0 = load in the main process; None = one per CPU core free
+            for this process, at most 8: :func:`~abkd_vision.data.base.auto_num_workers`).
         pin_memory: pin host memory (only applied when an accelerator is available).
         drop_last: drop the last incomplete training batch (eval loaders never drop).
         train_transform, eval_transform: optional replacements for the default CIFAR-style transforms
@@ -118,7 +119,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         std: tuple[float, float, float] | None = None,
         batch_size: int = 64,
         eval_batch_size: int = 256,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         drop_last: bool = True,
         train_transform: Callable | None = None,
@@ -132,8 +133,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
         if batch_size <= 0 or eval_batch_size <= 0:
             raise ValueError(f"batch sizes must be positive, got {batch_size=} {eval_batch_size=}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        resolve_num_workers(num_workers)  # checks it
         self.root = Path(root).expanduser().resolve()
         self.split_dirs = self._check_layout()
         self.class_names: list[str] = list_classes(self.split_dirs["train"])

@@ -36,6 +36,31 @@ def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
+def compile_network(network: nn.Module, options: bool | dict | None) -> nn.Module | None:
+    """``torch.compile(network, **options)`` (``True``: default options; ``False``/``None``: no compilation).
+
+    The compiled wrapper shares the network's parameters but is kept outside the module tree (the caller stores
+    it in a plain attribute), so checkpoints have the same keys compiled or not and load either way.
+    """
+    if options is None or options is False:
+        return None
+    if options is True:
+        options = {}
+    if not isinstance(options, dict):
+        raise ValueError(f"compile must be true, false or a dict of torch.compile options, got {options!r}")
+    return _Unregistered(torch.compile(network, **options))
+
+
+class _Unregistered:
+    """Holds a module without making it a submodule of the LightningModule (no state-dict keys, no .to())."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
 def mean_entropy(logits: Tensor) -> Tensor:
     """Mean Shannon entropy (nats) of softmax(logits) over the batch: [B, C] -> scalar."""
     log_q = logits.float().log_softmax(dim=-1)
@@ -53,8 +78,14 @@ class ImageClassificationTask(GuardedTraining, LightningModule):
     network_attr = "model"  # attribute holding the trained network (its checkpoint key prefix)
 
     def init_task(self, network_name: str, num_classes: int, lr: float | None, nonfinite: str = "raise",
-                  max_skipped_steps: int = 100) -> None:
+                  max_skipped_steps: int = 100, channels_last: bool = False,
+                  compile: bool | dict | None = False) -> None:
         self.init_guard(nonfinite, max_skipped_steps)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            # NHWC weights and inputs: faster convolutions with cuDNN / oneDNN, especially under mixed precision.
+            self.to(memory_format=torch.channels_last)
+        self.compiled_network = compile_network(self.network, compile)
         self.num_classes = num_classes
         self.lr = float(lr) if lr is not None else default_lr(network_name)
         if self.lr <= 0 or not math.isfinite(self.lr):
@@ -73,11 +104,17 @@ class ImageClassificationTask(GuardedTraining, LightningModule):
         return getattr(self, self.network_attr)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.network(images)
+        """Logits [B, C] of the trained network (compiled when ``compile`` is set)."""
+        return self.compiled_network(images) if self.compiled_network is not None else self.network(images)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.channels_last and isinstance(batch, (list, tuple)) and batch and batch[0].dim() == 4:
+            batch = [batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]]
+        return batch
 
     def _update(self, metrics: MetricCollection, batch) -> None:
         images, target = batch
-        metrics.update(self.network(images), target)
+        metrics.update(self(images), target)
 
     def _flush(self, metrics: MetricCollection, prog_bar: bool) -> dict[str, Tensor]:
         values = metrics.compute()  # torchmetrics syncs across processes: every rank holds the same value
@@ -125,6 +162,14 @@ class ImageClassificationTask(GuardedTraining, LightningModule):
                                                          gamma=self.hparams.lr_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Our own compiled runs save plain keys (the compiled wrapper is not a submodule); a checkpoint of a
+        # network that was compiled in place by other code has "_orig_mod." in its keys: drop it.
+        state = checkpoint.get("state_dict")
+        if state and any("_orig_mod." in k for k in state):
+            checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+
     # -- checks and summaries ----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self.check_data_classes()
@@ -166,6 +211,10 @@ class ClassifierModule(ImageClassificationTask):
         label_smoothing: for the cross-entropy term.
         nonfinite, max_skipped_steps: what a NaN/inf loss does: "raise" (stop, saving a checkpoint to resume
             from) or "skip" the step, at most ``max_skipped_steps`` times (see ``GuardedTraining``).
+        channels_last: keep weights and input batches in NHWC memory format (faster convolutions on GPUs,
+            notably with ``trainer.precision`` 16-mixed / bf16-mixed).
+        compile: ``torch.compile`` the network: true, or a dict of its options (``{mode: max-autotune}``,
+            ``{backend: aot_eager}``). Checkpoints have the same keys either way and load compiled or not.
     """
 
     network_attr = "model"
@@ -173,15 +222,17 @@ class ClassifierModule(ImageClassificationTask):
     def __init__(self, model: str = "cifar_resnet32x4", num_classes: int = 100, model_kwargs: dict | None = None,
                  lr: float | None = None, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False,
                  lr_milestones: list[int] | None = None, lr_decay: float = 0.1, label_smoothing: float = 0.0,
-                 nonfinite: str = "raise", max_skipped_steps: int = 100):
+                 nonfinite: str = "raise", max_skipped_steps: int = 100, channels_last: bool = False,
+                 compile: bool | dict = False):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
-        self.init_task(model, num_classes, lr, nonfinite, max_skipped_steps)
+        self.init_task(model, num_classes, lr, nonfinite, max_skipped_steps, channels_last, compile)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, target = batch
-        logits = self.model(images)
-        ce = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
+        logits = self(images)
+        # fp32 loss under mixed precision (autocast leaves the logits in bf16/fp16)
+        ce = F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
         self.log_dict({"train/loss": ce, "train/ce": ce}, on_step=True, on_epoch=True, prog_bar=True)
         return self.guard_loss(ce, ce=ce)

@@ -126,7 +126,8 @@ class GuardedTraining:
 
     ``nonfinite_policy`` "raise" (default) stops the run (see :class:`NonFiniteGuard`); "skip" skips every step
     whose loss is not finite (no backward, no optimiser step; it costs one synchronisation per step), counts them
-    in ``train/skipped_steps``, and stops after ``max_skipped_steps``. Non-finite gradients always stop the run.
+    in ``train/skipped_steps``, and stops after ``max_skipped_steps``. Non-finite gradients always stop the run,
+    except under fp16 mixed precision, whose gradient scaler skips overflowing steps by design.
     """
 
     nonfinite_policy: str = "raise"
@@ -162,6 +163,11 @@ class GuardedTraining:
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        trainer = getattr(self, "_trainer", None)
+        if getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None:
+            # fp16 mixed precision: overflowing (inf) gradients are how the gradient scaler finds its scale; it
+            # skips those steps itself and lowers the scale. They are expected, not a failure.
+            return
         self.nonfinite_guard.record_gradients(self)
 
     def on_train_epoch_end(self) -> None:

@@ -60,7 +60,8 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def cached_forward(self, images: Tensor, index: Tensor, view: Tensor) -> Tensor:
         cache = self.cache
-        logits, filled = cache.lookup(index, view)  # host arrays: one device -> host copy of index/view
+        # index/view stay on the host (transfer_batch_to_device): a warm cache reads nothing back from the device
+        logits, filled = cache.lookup(index, view)
         miss = ~filled
         n_miss = int(miss.sum())
         if n_miss:
@@ -85,7 +86,8 @@ class DistillationModule(ImageClassificationTask):
         trusted_teacher_ckpt: allow full unpickling of ``teacher_ckpt`` (files from a trusted source only).
         num_classes: output classes of both networks; the CLI links it to ``data.num_classes``.
         head: the KD head (KD with forward KL at T=4 when None).
-        ce_weight, kd_weight: weights of the two loss terms.
+        ce_weight, kd_weight: weights of the two loss terms. ``kd_weight: 0`` is a CE-only baseline that keeps
+            the teacher for evaluation and diagnostics but does not run it in training steps.
         kd_warmup_epochs: the KD term is scaled by min((epoch + 1) / kd_warmup_epochs, 1) (DKD uses 20; 0 = off).
         evaluate_teacher: measure the teacher's validation accuracy once when fitting starts (published
             teachers have been found weaker than claimed).
@@ -108,7 +110,8 @@ class DistillationModule(ImageClassificationTask):
                  lr: float | None = None, momentum: float = 0.9, weight_decay: float = 5e-4,
                  nesterov: bool = False, lr_milestones: list[int] | None = None, lr_decay: float = 0.1,
                  label_smoothing: float = 0.0, nonfinite: str = "raise", max_skipped_steps: int = 100,
-                 teacher_cache: str | None = None, teacher_cache_dtype: str = "float16"):
+                 teacher_cache: str | None = None, teacher_cache_dtype: str = "float16", channels_last: bool = False,
+                 compile: bool | dict = False):
         super().__init__()
         self.save_hyperparameters(ignore=["head"])
         self.student = create_model(student, num_classes=num_classes, **(student_kwargs or {}))
@@ -121,7 +124,7 @@ class DistillationModule(ImageClassificationTask):
         if kd_warmup_epochs < 0:
             raise ValueError(f"kd_warmup_epochs must be >= 0, got {kd_warmup_epochs}")
         self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
-        self.init_task(student, num_classes, lr, nonfinite, max_skipped_steps)
+        self.init_task(student, num_classes, lr, nonfinite, max_skipped_steps, channels_last, compile)
         self.teacher_val_acc1: float | None = None
         if teacher_cache_dtype not in ("float16", "float32"):
             raise ValueError(f"teacher_cache_dtype must be 'float16' or 'float32', got {teacher_cache_dtype!r}")
@@ -166,6 +169,12 @@ class DistillationModule(ImageClassificationTask):
         rank_zero_info(f"teacher cache {self.hparams.teacher_cache} not used, the live teacher runs instead: {reason}")
         return None
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        if self.teacher.cache is not None and isinstance(batch, (list, tuple)) and len(batch) == 4:
+            images, target, index, view = batch  # the cache is indexed on the host: keep index and view there
+            return [*super().transfer_batch_to_device([images, target], device, dataloader_idx), index, view]
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def teardown(self, stage: str) -> None:
         if stage == "fit" and self.teacher.cache is not None:
             datamodule = getattr(self.trainer, "datamodule", None)
@@ -180,10 +189,15 @@ class DistillationModule(ImageClassificationTask):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, target, *views = batch  # (images, target, index, view) when the teacher cache is on
-        teacher_logits = self.teacher(images, *views)
-        student_logits = self.student(images)
-        ce = F.cross_entropy(student_logits, target, label_smoothing=self.hparams.label_smoothing)
-        kd = self.head(student_logits, teacher_logits, target)
+        student_logits = self(images)
+        # fp32 losses under mixed precision: the heads upcast their inputs, CE gets float32 logits
+        ce = F.cross_entropy(student_logits.float(), target, label_smoothing=self.hparams.label_smoothing)
+        if self.kd_weight == 0:
+            # A CE-only baseline through the same module (same data, RNG use and diagnostics as the KD arms):
+            # the teacher is not needed for the loss, so it does not run.
+            kd = ce.new_zeros(())
+        else:
+            kd = self.head(student_logits, self.teacher(images, *views), target)
         scale = self.kd_scale()
         loss = self.ce_weight * ce + self.kd_weight * scale * kd
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/kd": kd}, on_step=True, on_epoch=True,
@@ -235,6 +249,7 @@ class DistillationModule(ImageClassificationTask):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The teacher comes from teacher_ckpt, not from the student's checkpoint: put the current teacher
         # weights in, so that Lightning's strict loading still checks every student key.
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.setdefault("state_dict", {})
         for key, value in self.teacher.state_dict(prefix="teacher.").items():
             state.setdefault(key, value)

@@ -1,0 +1,362 @@
+"""A small real-data study with one command: one teacher, then CE / KD / ABKD at a few (alpha, beta) / DKD /
+ABDKD students over several seeds, with the mean ± std table and the entropy diagnostics.
+
+::
+
+    python -m abkd_vision.study                      # ../shared/data/cifar10, 3 seeds, about 30 min on 2 cores
+    python -m abkd_vision.study --data my_folder     # any ImageFolder tree with train/ and test/
+    python -m abkd_vision.study --arms kd abkd:0.5,0.5 --seeds 0 1 --epochs 5
+
+Everything runs through the suite's own parts: the configs in ``configs/study/cifar10/`` (composed as any run:
+``base.yaml`` + one file per arm), ``run.py fit`` per run, the sweep runner (resumable: run the same command
+again and only unfinished runs start), the exact teacher-logit cache shared by the distillation arms, and the
+:class:`~abkd_vision.diagnostics.DistillationDiagnostics` callback. The outputs in ``--out``::
+
+    data/                   the ImageFolder export of the .npz arrays (when --data holds train.npz / test.npz)
+    teacher/                the teacher's sweep folder (one run)
+    students/               the students' sweep folder (results.csv, tables.md, logs/, runs/<run_id>/version_0/)
+    teacher_cache/          the teacher's logits per (image, crop/flip view)
+    study.md, study.json    the table: top-1 (best and last epoch) as mean ± std over seeds, and the last epoch's
+                            diagnostics (student entropy, target probability, agreement, |LogR|) averaged over seeds
+    study.png               best top-1 per arm, and the student's entropy per epoch against the teacher's
+
+This is a small-scale study (a subset, a few epochs, 2 CPU cores): it compares objectives under one budget; it
+does not reproduce the paper's 240-epoch CIFAR-100 numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from abkd_vision.io import atomic_write
+from abkd_vision.sweep.grid import Run, SweepError, alpha_beta_overrides
+from abkd_vision.sweep.runner import SweepOptions, build_command, run_sweep
+from abkd_vision.sweep.store import run_dir
+from abkd_vision.sweep.tables import format_mean_std
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "study" / "cifar10"
+PAIR = "resnet20-resnet8"
+TEACHER = ("teacher", "resnet20")
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
+DEFAULT_ARMS = ("ce", "kd", "abkd:1.0,0.0", "abkd:0.8,0.3", "abkd:0.5,0.5", "dkd", "abdkd:1.0,0.2")
+METHODS = ("ce", "kd", "abkd", "dkd", "abdkd")
+AB_METHODS = ("abkd", "abdkd")
+DIAGNOSTICS = ("student_entropy", "teacher_entropy", "target_prob", "agreement", "logr_abs_mean_over",
+               "logr_abs_mean_under")
+
+__all__ = ["Arm", "parse_arm", "prepare_data", "study_runs", "summarize", "main"]
+
+
+class StudyError(ValueError):
+    """A study that cannot run as asked (bad arm, missing data); the message names the value and the fix."""
+
+
+# --- arms -----------------------------------------------------------------------------------------------------
+
+class Arm:
+    """One student objective: a method folder of ``configs/study/cifar10`` and, for AB methods, an (alpha, beta)."""
+
+    def __init__(self, method: str, alpha_beta: tuple[float, float] | None = None):
+        self.method, self.alpha_beta = method, alpha_beta
+
+    @property
+    def name(self) -> str:
+        if self.alpha_beta is None:
+            return self.method
+        return f"{self.method} (α={self.alpha_beta[0]:g}, β={self.alpha_beta[1]:g})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Arm) and (self.method, self.alpha_beta) == (other.method, other.alpha_beta)
+
+    def __hash__(self) -> int:
+        return hash((self.method, self.alpha_beta))
+
+    def __repr__(self) -> str:
+        return f"Arm({self.name!r})"
+
+
+def parse_arm(spec: str) -> Arm:
+    """``"kd"`` -> KD; ``"abkd:0.8,0.3"`` -> ABKD at (0.8, 0.3); ``"abkd"`` -> ABKD at its config's (alpha, beta)."""
+    method, sep, ab = spec.strip().partition(":")
+    method = method.strip().lower()
+    if method not in METHODS:
+        raise StudyError(f"unknown study arm {spec!r}: the methods are {', '.join(METHODS)} "
+                         "(AB methods take a point: abkd:0.8,0.3)")
+    if not sep:
+        return Arm(method)
+    if method not in AB_METHODS:
+        raise StudyError(f"study arm {spec!r}: only {' and '.join(AB_METHODS)} take an (alpha, beta) point")
+    try:
+        alpha, beta = (float(v) for v in ab.split(","))
+    except ValueError:
+        raise StudyError(f"study arm {spec!r}: write the point as alpha,beta, e.g. {method}:0.8,0.3") from None
+    if not (math.isfinite(alpha) and math.isfinite(beta)):
+        raise StudyError(f"study arm {spec!r}: alpha and beta must be finite numbers")
+    return Arm(method, (alpha, beta))
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+def prepare_data(source: Path, out: Path) -> Path:
+    """The ImageFolder root to train on: ``source`` itself when it holds ``train/`` and ``test/`` folders, else
+    ``<out>/data`` exported once from ``source/{train,test}.npz`` (CIFAR-style arrays, e.g. ../shared/data/cifar10)."""
+    source = Path(source).expanduser()
+    if (source / "train").is_dir() and (source / "test").is_dir():
+        return source.resolve()
+    npz = {split: source / f"{split}.npz" for split in ("train", "test")}
+    if not all(p.is_file() for p in npz.values()):
+        raise StudyError(
+            f"no study data at {source}: it needs train/ and test/ image folders (one sub-folder per class) or "
+            "train.npz and test.npz (uint8 images [N, H, W, 3] and int labels [N]). The default is "
+            f"{DEFAULT_DATA} (the shared CIFAR-10 copy beside the repository); pass --data <folder> to use your own")
+    from abkd_vision.data.export import export_npz_cifar
+
+    root = out / "data"
+    done = root / ".exported"
+    stamp = json.dumps({split: [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for split, p in
+                        npz.items()})
+    if not done.is_file() or done.read_text() != stamp:
+        for split, path in npz.items():
+            export_npz_cifar(path, root, split, overwrite=True)
+        atomic_write(done, stamp)
+    return root.resolve()
+
+
+# --- runs -----------------------------------------------------------------------------------------------------
+
+def teacher_run() -> Run:
+    return Run(TEACHER[0], TEACHER[1], 0, (str(CONFIGS / "base.yaml"), str(CONFIGS / "teacher" / f"{TEACHER[1]}.yaml")))
+
+
+def study_runs(arms: Sequence[Arm], seeds: Sequence[int]) -> list[tuple[Run, Arm]]:
+    """One run per arm and seed: ``base.yaml`` + ``<method>/resnet20-resnet8.yaml`` (+ the (alpha, beta) point)."""
+    runs = []
+    for arm in arms:
+        configs = (str(CONFIGS / "base.yaml"), str(CONFIGS / arm.method / f"{PAIR}.yaml"))
+        overrides = () if arm.alpha_beta is None else alpha_beta_overrides([f"{arm.alpha_beta[0]},"
+                                                                            f"{arm.alpha_beta[1]}"])[0]
+        runs += [(Run(arm.method, PAIR, int(seed), configs, tuple(overrides)), arm) for seed in seeds]
+    return runs
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+def _last_diagnostics(folder: Path) -> tuple[dict, list[dict]]:
+    try:
+        history = json.loads((folder / "diagnostics.json").read_text()).get("history", [])
+    except (OSError, ValueError):
+        return {}, []
+    return (history[-1] if history else {}), history
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(values) if values else None
+
+
+def summarize(rows: Sequence[dict], arms: dict[str, Arm], teacher: dict | None) -> dict:
+    """``arms``: run id -> arm. Per arm over its finished seeds: top-1 (%) best and last as lists, the last
+    epoch's diagnostics averaged, and the per-epoch student entropy averaged over seeds."""
+    out = {"teacher": teacher, "arms": []}
+    for arm in dict.fromkeys(arms.values()):
+        mine = [r for r in rows if r["status"] == "finished" and arms.get(r["run_id"]) == arm]
+        diags = [_last_diagnostics(Path(r["run_dir"])) for r in mine]
+        curves: dict[int, list[float]] = {}
+        for _, history in diags:
+            for h in history:
+                curves.setdefault(int(h["epoch"]), []).append(h["student_entropy"])
+        out["arms"].append({
+            "arm": arm.name, "method": arm.method, "alpha_beta": arm.alpha_beta,
+            "seeds": [r["seed"] for r in mine],
+            "best_top1": [r["best_top1"] for r in mine if r.get("best_top1") is not None],
+            "last_top1": [r["last_top1"] for r in mine if r.get("last_top1") is not None],
+            "seconds": [r["seconds"] for r in mine if r.get("seconds") is not None],
+            **{key: _mean([d.get(key) for d, _ in diags]) for key in DIAGNOSTICS},
+            "entropy_curve": {e: statistics.fmean(v) for e, v in sorted(curves.items())},
+        })
+    return out
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(summary: dict, setup: str) -> str:
+    lines = ["# Small real-data study", "", setup, "",
+             "| arm | seeds | top-1 best (%) | top-1 last (%) | student entropy | target prob. | agreement "
+             "| mean abs LogR over / under |",
+             "|---|---|---|---|---|---|---|---|"]
+    teacher = summary.get("teacher") or {}
+    if teacher:
+        ent = next((a["teacher_entropy"] for a in summary["arms"] if a["teacher_entropy"] is not None), None)
+        lines.append(f"| teacher {TEACHER[1]} | 1 | {format_mean_std([teacher['best_top1']])} | "
+                     f"{format_mean_std([teacher['last_top1']])} | {_fmt(ent)} | – | – | – |")
+    for a in summary["arms"]:
+        logr = ("–" if a["logr_abs_mean_over"] is None else
+                f"{a['logr_abs_mean_over']:.4f} / {a['logr_abs_mean_under']:.4f}")
+        lines.append(f"| {a['arm']} | {len(a['seeds'])} | {format_mean_std(a['best_top1'])} | "
+                     f"{format_mean_std(a['last_top1'])} | {_fmt(a['student_entropy'])} | {_fmt(a['target_prob'])} "
+                     f"| {_fmt(a['agreement'])} | {logr} |")
+    lines += ["", "Top-1 on the test split, mean ± sample std over seeds. Diagnostics: the last epoch, averaged over "
+              "seeds, on the first validation batches (DistillationDiagnostics, T = 1): the student's mean entropy "
+              "(nats), its mean probability on the true class, top-1 agreement with the teacher, and the mean "
+              "|LogR| (paper §3.1, one forward-KL step) over the classes the student over- / under-estimates.", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in summary["arms"] if a["best_top1"]]
+    if not arms:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    means = [statistics.fmean(a["best_top1"]) for a in arms]
+    stds = [statistics.stdev(a["best_top1"]) if len(a["best_top1"]) > 1 else 0.0 for a in arms]
+    left.bar(range(len(arms)), means, yerr=stds, capsize=4, color=[f"C{i}" for i in range(len(arms))])
+    left.set_xticks(range(len(arms)), [a["arm"] for a in arms], rotation=30, ha="right", fontsize=8)
+    low = min(m - s for m, s in zip(means, stds))
+    left.set_ylim(max(0.0, low - 3), max(m + s for m, s in zip(means, stds)) + 1.5)
+    left.set_ylabel("best test top-1 (%), mean ± std over seeds")
+    for i, a in enumerate(arms):
+        curve = a["entropy_curve"]
+        right.plot([e + 1 for e in curve], list(curve.values()), marker="o", color=f"C{i}", label=a["arm"])
+    teacher_entropy = next((a["teacher_entropy"] for a in arms if a["teacher_entropy"] is not None), None)
+    if teacher_entropy is not None:
+        right.axhline(teacher_entropy, color="k", linestyle="--", label="teacher")
+    right.set_xlabel("epoch")
+    right.set_ylabel("student mean entropy (nats, T = 1)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --- command --------------------------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m abkd_vision.study", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="ImageFolder root (train/, test/) or a folder with train.npz/test.npz (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder (default: %(default)s)")
+    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), metavar="ARM",
+                   help=f"student objectives: {', '.join(METHODS)}; AB methods with a point, abkd:0.8,0.3 "
+                        "(default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, help="student epochs (default: the config's 10; milestones at 60%%/80%%)")
+    p.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: the config's 10)")
+    p.add_argument("--per-class", type=int, help="student training images per class (default: the config's 300)")
+    p.add_argument("--workers", type=int, default=2, help="student runs at a time (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: CPU cores / workers)")
+    p.add_argument("--no-cache", action="store_true", help="run the live teacher in every step (no logit cache)")
+    p.add_argument("--extra", default="", help="more run.py arguments for every run, e.g. '--trainer.precision "
+                                               "bf16-mixed'")
+    return p
+
+
+def _milestones(epochs: int) -> str:
+    return f"[{max(1, round(0.6 * epochs))},{max(1, round(0.8 * epochs))}]"
+
+
+def _common(args, data_root: Path, epochs: int | None) -> list[str]:
+    extra = ["--data.init_args.root", str(data_root), *args.extra.split()]
+    if epochs is not None:
+        extra += ["--trainer.max_epochs", str(epochs), "--model.init_args.lr_milestones", _milestones(epochs)]
+    return extra
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _study(parser().parse_args(argv))
+    except (StudyError, SweepError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _study(args: argparse.Namespace) -> int:
+    arms = list(dict.fromkeys(parse_arm(a) for a in args.arms))
+    for name, value in (("--epochs", args.epochs), ("--teacher-epochs", args.teacher_epochs),
+                        ("--per-class", args.per_class), ("--workers", args.workers), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise StudyError(f"{name} must be at least 1, got {value}")
+    out = args.out.resolve()
+    start = time.time()
+    data_root = prepare_data(args.data, out)
+    cores = os.cpu_count() or 1
+    # Each run is its own process: give each a share of the cores instead of letting every one take them all.
+    teacher_threads = args.threads or cores
+    student_threads = args.threads or max(1, cores // args.workers)
+
+    print(f"study: data {data_root}; teacher {TEACHER[1]}, students {PAIR.split('-')[1]}; "
+          f"{len(arms)} arms x {len(args.seeds)} seeds; {args.workers} runs at a time", flush=True)
+    t_run = teacher_run()
+    t_opts = SweepOptions(out=out / "teacher", workers=1, extra=_common(args, data_root, args.teacher_epochs))
+    os.environ["OMP_NUM_THREADS"] = str(teacher_threads)
+    t_result = run_sweep([t_run], t_opts)
+    if t_result.exit_code:
+        return t_result.exit_code
+    teacher_dir = run_dir(t_opts.out, t_run.run_id)
+    teacher_ckpt = teacher_dir / "checkpoints" / "last.ckpt"
+    t_row = t_result.rows[0]
+    teacher = {"best_top1": t_row.get("best_top1"), "last_top1": t_row.get("last_top1"),
+               "seconds": t_row.get("seconds")}
+
+    student_extra = _common(args, data_root, args.epochs)
+    if args.per_class is not None:
+        student_extra += ["--data.init_args.train_per_class", str(args.per_class)]
+
+    def command(run: Run, opts: SweepOptions) -> list[str]:
+        cmd = build_command(run, opts) + ["--model.init_args.teacher_ckpt", str(teacher_ckpt)]
+        if run.method != "ce" and not args.no_cache:
+            cmd += ["--model.init_args.teacher_cache", str(out / "teacher_cache")]
+        if run.method != "ce" and args.no_cache:
+            cmd += ["--model.init_args.teacher_cache", "null"]
+        return cmd
+
+    s_opts = SweepOptions(out=out / "students", workers=args.workers, extra=student_extra)
+    os.environ["OMP_NUM_THREADS"] = str(student_threads)
+    plan = study_runs(arms, args.seeds)
+    runs = [run for run, _ in plan]
+    s_result = run_sweep(runs, s_opts, command=command)
+
+    summary = summarize(s_result.rows, {run.run_id: arm for run, arm in plan}, teacher)
+    minutes = (time.time() - start) / 60
+    compute = (sum(r.get("seconds") or 0.0 for r in s_result.rows) + (teacher["seconds"] or 0.0)) / 60
+    epochs = args.epochs or 10
+    setup = (f"Data: {data_root} (train on {args.per_class or 300} images per class; test on the whole test "
+             f"split). Teacher {TEACHER[1]} ({args.teacher_epochs or 10} epochs on all training images); students "
+             f"{PAIR.split('-')[1]}, {epochs} epochs, batch 64, SGD lr 0.05, seeds {', '.join(map(str, args.seeds))}"
+             f". {len(runs)} student runs, {args.workers} at a time with {student_threads} thread(s) each. Teacher "
+             f"{(teacher['seconds'] or 0) / 60:.1f} min; all runs {compute:.1f} min of process time summed; this "
+             f"invocation {minutes:.1f} min wall on {cores} CPU core(s). A small-scale study: it compares "
+             "objectives under one budget and does not reproduce the paper's CIFAR-100 numbers.")
+    summary["setup"] = setup
+    atomic_write(out / "study.json", json.dumps(summary, indent=2))
+    atomic_write(out / "study.md", markdown(summary, setup))
+    try:
+        plot(summary, out / "study.png")
+    except ImportError:
+        print("matplotlib is not installed: study.png skipped", file=sys.stderr)
+    print(markdown(summary, setup))
+    print(f"outputs: {out / 'study.md'}  {out / 'study.json'}  {out / 'study.png'}")
+    return s_result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
