@@ -314,6 +314,9 @@ def _study(args: argparse.Namespace) -> int:
     teacher_dir = run_dir(t_opts.out, t_run.run_id)
     teacher_ckpt = teacher_dir / "checkpoints" / "last.ckpt"
     t_row = t_result.rows[0]
+    if not teacher_ckpt.is_file():
+        raise StudyError(f"the teacher run finished without a checkpoint ({teacher_ckpt}); its log says why: "
+                         f"{t_row.get('log') or t_opts.out / 'logs'}")
     teacher = {"best_top1": t_row.get("best_top1"), "last_top1": t_row.get("last_top1"),
                "seconds": t_row.get("seconds")}
 
