@@ -107,8 +107,8 @@ class ExactResume(Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "exact_resume"):
             raise ValueError(
-                f"ExactResume needs one of the suite's classification data modules (CIFAR100DataModule, "
-                f"ImageFolderDataModule), got {type(datamodule).__name__}"
+                f"ExactResume needs one of the suite's data modules (CIFAR100DataModule, ImageFolderDataModule, "
+                f"BaseToNewDataModule), got {type(datamodule).__name__}"
             )
         datamodule.exact_resume = True
 

@@ -27,6 +27,7 @@ does not reproduce the paper's 240-epoch CIFAR-100 numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from abkd_vision.io import atomic_write
-from abkd_vision.sweep.grid import Run, SweepError, alpha_beta_overrides
+from abkd_vision.sweep.grid import Run, SweepError, alpha_beta_overrides, split_extra
 from abkd_vision.sweep.runner import SweepOptions, build_command, run_sweep
 from abkd_vision.sweep.store import run_dir
 from abkd_vision.sweep.tables import format_mean_std
@@ -275,10 +276,24 @@ def _milestones(epochs: int) -> str:
 
 
 def _common(args, data_root: Path, epochs: int | None) -> list[str]:
-    extra = ["--data.init_args.root", str(data_root), *args.extra.split()]
+    extra = ["--data.init_args.root", str(data_root), *split_extra(args.extra)]
     if epochs is not None:
         extra += ["--trainer.max_epochs", str(epochs), "--model.init_args.lr_milestones", _milestones(epochs)]
     return extra
+
+
+@contextlib.contextmanager
+def _threads_per_run(n: int):
+    """Runs are child processes: they read OMP_NUM_THREADS (torch's thread count) from the environment."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,8 +322,8 @@ def _study(args: argparse.Namespace) -> int:
           f"{len(arms)} arms x {len(args.seeds)} seeds; {args.workers} runs at a time", flush=True)
     t_run = teacher_run()
     t_opts = SweepOptions(out=out / "teacher", workers=1, extra=_common(args, data_root, args.teacher_epochs))
-    os.environ["OMP_NUM_THREADS"] = str(teacher_threads)
-    t_result = run_sweep([t_run], t_opts)
+    with _threads_per_run(teacher_threads):
+        t_result = run_sweep([t_run], t_opts)
     if t_result.exit_code:
         return t_result.exit_code
     teacher_dir = run_dir(t_opts.out, t_run.run_id)
@@ -333,10 +348,10 @@ def _study(args: argparse.Namespace) -> int:
         return cmd
 
     s_opts = SweepOptions(out=out / "students", workers=args.workers, extra=student_extra)
-    os.environ["OMP_NUM_THREADS"] = str(student_threads)
     plan = study_runs(arms, args.seeds)
     runs = [run for run, _ in plan]
-    s_result = run_sweep(runs, s_opts, command=command)
+    with _threads_per_run(student_threads):
+        s_result = run_sweep(runs, s_opts, command=command)
 
     summary = summarize(s_result.rows, {run.run_id: arm for run, arm in plan}, teacher)
     minutes = (time.time() - start) / 60

@@ -45,6 +45,7 @@ __all__ = [
     "TeacherLogitCache",
     "cache_dirname",
     "cache_key",
+    "cached_logits",
     "fill_cache",
     "sha256_file",
     "sha256_weights",
@@ -84,9 +85,10 @@ def teacher_sha256(teacher_ckpt: str | os.PathLike | None, model: nn.Module) -> 
     return "weights:" + sha256_weights(model)
 
 
-def cache_key(*, teacher: str, num_classes: int, teacher_sha256: str, dataset: dict, views: CropFlipViews,
+def cache_key(*, teacher: str, num_classes: int, teacher_sha256: str, dataset: dict, views,
               dtype: str = "float16") -> dict:
-    """The full key of a cache (what its header holds)."""
+    """The full key of a cache (what its header holds). ``views``: anything with ``params()`` and ``num_views``
+    (:class:`~abkd_vision.data.transforms.CropFlipViews`, :class:`~abkd_vision.data.resumable.SeededViewStream`)."""
     if dtype not in DTYPES:
         raise ValueError(f"teacher cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if "num_images" not in dataset:
@@ -268,6 +270,24 @@ class _AllViews(Dataset):
     def __getitem__(self, k: int):
         i = self.indices[k]
         return self.dataset[i][0], i
+
+
+@torch.no_grad()
+def cached_logits(cache: TeacherLogitCache, teacher: Callable[[Tensor], Tensor], images: Tensor, index: Tensor,
+                  view: Tensor) -> tuple[Tensor, int]:
+    """Teacher logits [B, C] for a batch: read from ``cache`` (index and view on the host), with ``teacher`` run only
+    on the samples whose view is not cached yet (written back). Every logit returned is rounded to the cache's
+    dtype, the fresh ones too, so a run gives the same result whether the cache was empty or full. Returns the
+    logits on ``images.device`` and the number of cache hits."""
+    logits, filled = cache.lookup(index, view)
+    miss = ~filled
+    n_miss = int(miss.sum())  # a host tensor: no device synchronisation
+    if n_miss:
+        live = teacher(images[miss.to(images.device)])
+        rounded = cache.round(live.float())
+        cache.write(index.cpu()[miss], view.cpu()[miss], rounded.cpu())
+        logits[miss] = rounded.cpu()
+    return logits.to(images.device, non_blocking=True), int(filled.numel()) - n_miss
 
 
 @torch.no_grad()

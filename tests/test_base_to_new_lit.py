@@ -236,3 +236,55 @@ def test_two_process_evaluation_counts_every_test_image_once(eurosat, tmp_path):
     assert ddp == pytest.approx(single, abs=1e-6)
     for acc in (single["base_acc"], single["new_acc"]):
         assert acc * 15 == pytest.approx(round(acc * 15), abs=1e-4)
+
+
+def test_teacher_logit_cache_replays_the_seeded_views_across_heads(eurosat, teacher_run, tmp_path):
+    """A KD run fills the teacher's image-logit cache along the seeded view stream; an ABKD run with the same seed
+    then reads every teacher logit from it; the cached logits are the live teacher's for the same (sample, epoch)
+    view, to fp16 rounding; and the KD run's loss matches a cache-free run on the same stream (ExactResume)."""
+    import csv
+
+    from abkd_vision.data.resumable import SeededViews
+    from abkd_vision.teacher_cache import TeacherLogitCache
+
+    cache_dir = tmp_path / "logit_cache"
+    common = [*TINY_DISTILL, "--model.init_args.teacher_ckpt", str(teacher_run / "checkpoints" / "last.ckpt"),
+              "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1", "--data.init_args.batch_size", "8",
+              "--trainer.limit_val_batches", "1", "--model.init_args.evaluate_teacher", "false"]
+
+    def run(method, name, *extra):
+        cli = cli_main(["fit", "--config", str(CONFIGS / "base.yaml"), "--config",
+                        str(CONFIGS / method / "EuroSAT.yaml"), *common, *_data_args(eurosat, tmp_path, name), *extra])
+        rows = list(csv.DictReader((tmp_path / name / "version_0" / "metrics.csv").open()))
+        return cli, rows
+
+    def column(rows, key):
+        return [float(r[key]) for r in rows if r.get(key)]
+
+    kd, kd_rows = run("kd", "kd", "--model.init_args.teacher_logit_cache", str(cache_dir))
+    hits = column(kd_rows, "train/teacher_cache_hit_rate_epoch")
+    assert hits == [0.0, 0.0]  # every (sample, epoch) view is new in the first run
+    ab, ab_rows = run("abkd", "abkd", "--model.init_args.teacher_logit_cache", str(cache_dir))
+    assert column(ab_rows, "train/teacher_cache_hit_rate_epoch") == [1.0, 1.0]  # ... and replayed by the next
+
+    # the cached logits are the live teacher's for the view the stream names
+    (folder,) = [p for p in cache_dir.iterdir() if p.is_dir()]
+    header = json.loads((folder / "header.json").read_text())
+    cache = TeacherLogitCache(folder, header["key"])
+    n = header["key"]["num_images"]
+    assert header["key"]["views"] == "seeded-stream" and header["key"]["num_views"] == 2
+    assert int(np.asarray(cache.filled).sum()) == 2 * n
+    stream = SeededViews(kd.datamodule.train_set, header["key"]["stream_seed"], with_ids=True)
+    teacher = kd.model.teacher
+    text = teacher.text_features(kd.model.class_names)
+    for index in (0, n + 3, 2 * n - 1):
+        image, _, i, epoch = stream[index]
+        live = teacher.logits(image[None], text)[0]
+        cached, filled = cache.lookup([i], [epoch])
+        assert bool(filled[0])
+        torch.testing.assert_close(cached[0], live, atol=2e-2, rtol=1e-3)  # fp16 storage
+
+    # the same seeded stream without the cache (ExactResume turns it on) gives the same KD losses
+    _, live_rows = run("kd", "kd_live", "--trainer.callbacks+=abkd_vision.cli.ExactResume")
+    assert "train/teacher_cache_hit_rate_epoch" not in live_rows[0]
+    np.testing.assert_allclose(column(live_rows, "train/kd_step"), column(kd_rows, "train/kd_step"), rtol=2e-3)

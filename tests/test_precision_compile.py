@@ -195,3 +195,16 @@ def test_compiled_checkpoints_load_compiled_and_uncompiled(tmp_path, tiny_data, 
 def test_compile_option_is_checked():
     with pytest.raises(ValueError, match="compile must be true, false or a dict"):
         ClassifierModule("resnet8", num_classes=3, compile="yes")
+
+
+def test_ce_only_distillation_never_runs_the_teacher_in_training(tmp_path, tiny_data):
+    """kd_weight 0 (the CE baseline through the distillation module, as the study runs it) skips the teacher."""
+    module = _distiller(kd_weight=0.0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher ran in a CE-only step")
+
+    module.teacher.forward = refuse
+    record = _Record()
+    _trainer(tmp_path, [record], limit_val_batches=0).fit(module, datamodule=_datamodule(tiny_data))
+    assert len(record.losses) == 4 and all(torch.isfinite(loss) for loss in record.losses)

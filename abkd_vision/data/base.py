@@ -86,13 +86,14 @@ def make_dataloader(
 
 
 def resumable_loader(datamodule, dataset: Dataset, batch_size: int, drop_last: bool, num_workers: int | None,
-                     pin_memory: bool) -> DataLoader:
-    """Training loader whose order and augmentation a mid-epoch resume reproduces (see data/resumable.py)."""
+                     pin_memory: bool, with_ids: bool = False) -> DataLoader:
+    """Training loader whose order and augmentation a mid-epoch resume reproduces (see data/resumable.py); with
+    ``with_ids`` its batches also carry each sample's index and epoch (its view in a seeded stream)."""
     from abkd_vision.data.resumable import EpochSampler, ResumableLoader, SeededViews
 
     num_workers = resolve_num_workers(num_workers)
     seed = torch.initial_seed()  # the run's seed_everything value
-    return ResumableLoader(SeededViews(dataset, seed), batch_size=batch_size,
+    return ResumableLoader(SeededViews(dataset, seed, with_ids), batch_size=batch_size,
                            sampler=EpochSampler(len(dataset), seed, batch_size, datamodule), drop_last=drop_last,
                            num_workers=num_workers, pin_memory=pin_memory and _accelerator_available(),
                            persistent_workers=num_workers > 0)

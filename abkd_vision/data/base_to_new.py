@@ -23,8 +23,10 @@ horizontal flip for training; Resize(S, bicubic) + CenterCrop(S) for evaluation;
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,8 +38,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from abkd_vision.data.base import make_dataloader, resolve_num_workers
+from abkd_vision.data.base import make_dataloader, resolve_num_workers, resumable_loader
 from abkd_vision.data.coop import BASE_TO_NEW_DATASETS, COOP_DATA_HELP, missing_images, read_coop_dataset
+from abkd_vision.data.resumable import SeededViewStream
 from abkd_vision.data.transforms import ToRGB
 
 __all__ = [
@@ -171,6 +174,11 @@ class BaseToNewDataModule(L.LightningDataModule):
         self.eval_transform = eval_transform or clip_eval_transform(image_size)
         self.train_set: Dataset | None = None
         self.eval_sets: list[Dataset] | None = None
+        # Set by ExactResume: a training order and augmentation that depend only on (seed, epoch, sample).
+        self.exact_resume = False
+        # Set by PromptDistillationModule(teacher_logit_cache=...): the same seeded stream, and batches
+        # (images, target, index, epoch) that name each sample's view for the teacher-logit cache.
+        self.return_views = False
 
     # -- classes ---------------------------------------------------------------------------------------------------
     @property
@@ -235,10 +243,35 @@ class BaseToNewDataModule(L.LightningDataModule):
                                     relabel))
         self.eval_sets = groups
 
+    # -- the seeded view stream (exact resume, teacher-logit cache) -------------------------------------------------
+    def teacher_views(self) -> SeededViewStream | None:
+        """The training augmentation as a countable stream of views (epoch ``e`` of sample ``i`` under the run's
+        seed), for a teacher-logit cache; None before the data module is attached to a trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.max_epochs is None or trainer.max_epochs < 1:
+            return None
+        return SeededViewStream(torch.initial_seed(), trainer.max_epochs, repr(self.train_transform))
+
+    def view_dataset_key(self) -> dict:
+        """What identifies the training images, their order and the classes the teacher scores (part of a
+        teacher-logit cache key)."""
+        if self.train_set is None:
+            raise RuntimeError("call setup('fit') first")
+        digest = hashlib.sha256()
+        for path, label in self.train_set.items:
+            digest.update(f"{os.path.relpath(path, self.root)}\t{label}\n".encode())
+        classes = hashlib.sha256("\n".join(self.class_names).encode()).hexdigest()
+        return {"dataset": f"coop:{self.dataset_name}:{os.path.abspath(self.root)}", "split": "train",
+                "num_images": len(self.train_set), "train_classes": self.train_classes, "shots": self.hparams.shots,
+                "files_sha256": digest.hexdigest(), "classes_sha256": classes}
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before requesting a dataloader")
         hp = self.hparams
+        if train and (self.exact_resume or self.return_views):
+            return resumable_loader(self, dataset, hp.batch_size, hp.drop_last, hp.num_workers, hp.pin_memory,
+                                    with_ids=self.return_views)
         return make_dataloader(dataset, batch_size=hp.batch_size if train else hp.eval_batch_size, shuffle=train,
                                drop_last=hp.drop_last if train else False, num_workers=hp.num_workers,
                                pin_memory=hp.pin_memory)

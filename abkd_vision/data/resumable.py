@@ -19,14 +19,17 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["EpochSampler", "ResumableLoader", "SeededViews"]
+__all__ = ["EpochSampler", "ResumableLoader", "SeededViewStream", "SeededViews"]
 
 
 class SeededViews(Dataset):
-    """``dataset`` whose item ``e * n + i`` is item ``i`` drawn under the RNG seed ``(seed, e, i)``."""
+    """``dataset`` whose item ``e * n + i`` is item ``i`` drawn under the RNG seed ``(seed, e, i)``.
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.n = dataset, int(seed), len(dataset)
+    With ``with_ids`` an item is ``(*item, i, e)``: the sample and the epoch name its view (see
+    :class:`SeededViewStream`)."""
+
+    def __init__(self, dataset: Dataset, seed: int, with_ids: bool = False):
+        self.dataset, self.seed, self.n, self.with_ids = dataset, int(seed), len(dataset), bool(with_ids)
 
     def __len__(self) -> int:
         return self.n
@@ -35,7 +38,25 @@ class SeededViews(Dataset):
         epoch, i = divmod(int(index), self.n)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63 - 1))
-            return self.dataset[i]
+            item = self.dataset[i]
+        return (*item, i, epoch) if self.with_ids else item
+
+
+class SeededViewStream:
+    """The views of a continuous augmentation (RandomResizedCrop + flip) made countable for a teacher-logit cache:
+    view ``e`` of sample ``i`` is the draw :class:`SeededViews` makes for epoch ``e`` under ``seed``. Every run with
+    the same seed, data and transform replays the same stream, so its teacher logits are computed once.
+
+    ``params()`` and ``num_views`` (= epochs) are what a cache key needs (:func:`abkd_vision.teacher_cache.cache_key`).
+    """
+
+    def __init__(self, seed: int, epochs: int, transform: str):
+        if epochs < 1:
+            raise ValueError(f"a view stream needs at least one epoch, got {epochs}")
+        self.seed, self.num_views, self.transform = int(seed), int(epochs), str(transform)
+
+    def params(self) -> dict:
+        return {"views": "seeded-stream", "stream_seed": self.seed, "transform": self.transform}
 
 
 class EpochSampler(Sampler[int]):

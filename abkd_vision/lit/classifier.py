@@ -8,6 +8,7 @@ against non-finite losses, and a ``results.json`` summary in the run directory.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from abkd_vision.lit.common import GuardedTraining, write_results
 from abkd_vision.models import create_model
+
+# The modules move batches themselves (channels_last inputs; teacher-cache indices kept on the host) while the data
+# modules only build loaders: Lightning's notice that the module's hook is the one used is expected here.
+warnings.filterwarnings("ignore", message=r"You have overridden `(transfer_batch_to_device|on_after_batch_transfer)` "
+                                          r"in `LightningModule` but have passed in a `LightningDataModule`")
 
 # The reference CIFAR recipe (CRD/RepDistiller, mdistiller) uses lr 0.01 for these light networks.
 _LOW_LR_FAMILIES = ("mobilenet", "shuffle")

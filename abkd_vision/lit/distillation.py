@@ -25,7 +25,7 @@ from abkd_vision.heads import KD, DistillationHead
 from abkd_vision.lit.classifier import ImageClassificationTask, mean_entropy
 from abkd_vision.lit.common import count_correct, kd_warmup_scale
 from abkd_vision.models import create_model, load_checkpoint
-from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache, cache_key, teacher_sha256
+from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache, cache_key, cached_logits, teacher_sha256
 
 
 class FrozenTeacher(nn.Module):
@@ -59,21 +59,13 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def cached_forward(self, images: Tensor, index: Tensor, view: Tensor) -> Tensor:
-        cache = self.cache
         # index/view stay on the host (transfer_batch_to_device): a warm cache reads nothing back from the device
-        logits, filled = cache.lookup(index, view)
-        miss = ~filled
-        n_miss = int(miss.sum())
-        if n_miss:
-            live = self.model(images[miss.to(images.device)])
-            rounded = cache.round(live.float())
-            cache.write(index.cpu()[miss], view.cpu()[miss], rounded.cpu())
-            logits[miss] = rounded.cpu()
-        n = int(filled.numel())
-        self.cache_hits += n - n_miss
-        self.cache_misses += n_miss
-        self.last_hit_rate = (n - n_miss) / n if n else 1.0
-        return logits.to(images.device)
+        logits, hits = cached_logits(self.cache, self.model, images, index, view)
+        n = int(index.numel())
+        self.cache_hits += hits
+        self.cache_misses += n - hits
+        self.last_hit_rate = hits / n if n else 1.0
+        return logits
 
 
 class DistillationModule(ImageClassificationTask):

@@ -25,6 +25,7 @@ from abkd_vision.lit.base_to_new import BaseToNewTask
 from abkd_vision.lit.common import count_correct, kd_warmup_scale
 from abkd_vision.metrics import harmonic_mean
 from abkd_vision.models.clip import PromptedCLIP, PromptedImageStudent, TextFeatureCache, load_prompt_checkpoint
+from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache, cache_key, cached_logits, sha256_weights
 
 __all__ = ["FrozenCLIPTeacher", "PromptDistillationModule"]
 
@@ -37,6 +38,8 @@ class FrozenCLIPTeacher(nn.Module):
         super().__init__()
         self.model = model.requires_grad_(False)
         self.cache = TextFeatureCache(cache_dir)
+        self.logit_cache: TeacherLogitCache | None = None  # image logits per (sample, epoch view), opt-in
+        self.last_hit_rate: float | None = None
         self.train(False)
 
     def train(self, mode: bool = True) -> FrozenCLIPTeacher:
@@ -51,6 +54,17 @@ class FrozenCLIPTeacher(nn.Module):
 
     def forward(self, images: Tensor, class_names: list[str]) -> Tensor:
         return self.logits(images, self.text_features(class_names))
+
+    @torch.no_grad()
+    def training_logits(self, images: Tensor, text_features: Tensor, index: Tensor | None = None,
+                        epoch: Tensor | None = None) -> Tensor:
+        """Logits for a training batch: from the image-logit cache when it is attached and the batch names its
+        views (sample index and epoch of the seeded stream), running the teacher only on views not cached yet."""
+        if self.logit_cache is None or index is None or epoch is None:
+            return self.logits(images, text_features)
+        logits, hits = cached_logits(self.logit_cache, lambda x: self.logits(x, text_features), images, index, epoch)
+        self.last_hit_rate = hits / max(1, int(index.numel()))
+        return logits
 
 
 class PromptDistillationModule(BaseToNewTask):
@@ -71,6 +85,11 @@ class PromptDistillationModule(BaseToNewTask):
         kd_warmup_epochs: the loss is scaled by min((epoch + 1) / kd_warmup_epochs, 1) (0 = off).
         evaluate_teacher: measure the teacher's base/new accuracy once when fitting starts.
         text_cache_dir: on-disk cache of the teacher's text features (reused across runs with the same teacher).
+        teacher_logit_cache: a folder for the teacher's image logits per (training image, epoch) of a seeded
+            augmentation stream (opt-in). The training order and each sample's RandomResizedCrop/flip then depend
+            only on the seed, the epoch and the sample, so every run with this teacher, data, transform, seed and
+            number of epochs (e.g. a sweep over heads, lambda and alpha/beta) replays the same views and pays for the
+            teacher once; the first run fills the cache as it goes. Float16 storage (``teacher_logit_cache_dtype``).
         Other args: see :class:`BaseToNewTask` (defaults: PromptKD's SGD lr 0.005, 1 warm-up epoch at 1e-5, cosine;
             ``nonfinite``/``max_skipped_steps``: the NaN/inf policy).
     """
@@ -85,7 +104,8 @@ class PromptDistillationModule(BaseToNewTask):
                  evaluate_teacher: bool = True, num_classes: int | None = None,
                  lr: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int = 1,
                  warmup_lr: float = 1e-5, report_epoch: str = "last", text_cache_dir: str | None = None,
-                 nonfinite: str = "raise", max_skipped_steps: int = 100):
+                 nonfinite: str = "raise", max_skipped_steps: int = 100, teacher_logit_cache: str | None = None,
+                 teacher_logit_cache_dtype: str = "float16"):
         super().__init__()
         self.save_hyperparameters(ignore=["head"])
         if kd_warmup_epochs < 0:
@@ -105,6 +125,59 @@ class PromptDistillationModule(BaseToNewTask):
         self.teacher_result: dict | None = None
         self.init_task(lr, momentum, weight_decay, warmup_epochs, warmup_lr, report_epoch, num_classes, nonfinite,
                        max_skipped_steps)
+        if teacher_logit_cache_dtype not in ("float16", "float32"):
+            raise ValueError(f"teacher_logit_cache_dtype must be 'float16' or 'float32', got "
+                             f"{teacher_logit_cache_dtype!r}")
+
+    # -- the teacher's image-logit cache ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.hparams.get("teacher_logit_cache"):
+            self.setup_teacher_logit_cache()
+
+    def setup_teacher_logit_cache(self) -> TeacherLogitCache | None:
+        """Attach the cache and switch the data to the seeded view stream; or run the live teacher, saying why."""
+        location = self.hparams.teacher_logit_cache
+        datamodule = getattr(self.trainer, "datamodule", None)
+        views = datamodule.teacher_views() if hasattr(datamodule, "teacher_views") else None
+        if views is None:
+            what = type(datamodule).__name__ if datamodule is not None else "no data module"
+            return self._logit_cache_off(f"the training data ({what}) has no seeded view stream "
+                                         "(BaseToNewDataModule with a trainer that sets max_epochs)")
+        try:
+            key = cache_key(teacher=self.hparams.teacher_arch, num_classes=len(self.class_names),
+                            teacher_sha256="weights:" + sha256_weights(self.teacher.model),
+                            dataset=datamodule.view_dataset_key(), views=views,
+                            dtype=self.hparams.teacher_logit_cache_dtype)
+            cache = TeacherLogitCache.open(location, key)
+        except CacheMismatch as err:
+            return self._logit_cache_off(str(err))
+        self.teacher.logit_cache = cache
+        datamodule.return_views = True
+        rank_zero_info(f"teacher image logits cached in {cache.directory} ({cache.filled_count():,} of "
+                       f"{cache.num_images * cache.num_views:,} (image, epoch) views filled; the rest are filled "
+                       "as training meets them)")
+        return cache
+
+    def _logit_cache_off(self, reason: str) -> None:
+        self.teacher.logit_cache = None
+        rank_zero_info(f"teacher logit cache {self.hparams.teacher_logit_cache} not used, the live teacher runs "
+                       f"instead: {reason}")
+        return None
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        if self.teacher.logit_cache is not None and isinstance(batch, (list, tuple)) and len(batch) == 4:
+            images, target, index, epoch = batch  # the cache is indexed on the host: keep index and epoch there
+            return [*super().transfer_batch_to_device([images, target], device, dataloader_idx), index, epoch]
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.teacher.logit_cache is not None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if hasattr(datamodule, "return_views"):
+                datamodule.return_views = False
+            self.teacher.logit_cache.close()
+            self.teacher.logit_cache = None
 
     # -- checks --------------------------------------------------------------------------------------------------
     def check_classes(self, datamodule) -> None:
@@ -158,15 +231,18 @@ class PromptDistillationModule(BaseToNewTask):
         return kd_warmup_scale(self.current_epoch, self.hparams.kd_warmup_epochs)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        images, target = batch
+        images, target, *views = batch  # (images, target, index, epoch) with the teacher-logit cache
         text = self.teacher.text_features(self.class_names)  # one cache lookup serves both networks
-        teacher_logits = self.teacher.logits(images, text)
+        teacher_logits = self.teacher.training_logits(images, text, *views)
         student_logits = self.student(images, text)
         kd = self.head(student_logits, teacher_logits, target)
         scale = self.kd_scale()
         loss = self.kd_weight * scale * kd
         self.log_dict({"train/loss": loss, "train/kd": kd}, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/kd_scale", scale, on_step=False, on_epoch=True)
+        if views and self.teacher.last_hit_rate is not None:
+            self.log("train/teacher_cache_hit_rate", self.teacher.last_hit_rate, on_step=True, on_epoch=True,
+                     batch_size=target.shape[0])
         return self.guard_loss(loss, kd=kd)
 
     # -- evaluation ------------------------------------------------------------------------------------------------
