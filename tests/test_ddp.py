@@ -4,6 +4,7 @@ image counted once, and the run records its effective batch size."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,8 @@ class SameOrderDataModule(ImageFolderDataModule):
     def train_dataloader(self):
         from torch.utils.data import DataLoader, DistributedSampler
 
-        sampler = DistributedSampler(self.train_set, num_replicas=1, rank=0, shuffle=True, seed=0)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # Lightning's rule for the seed of its DDP sampler
+        sampler = DistributedSampler(self.train_set, num_replicas=1, rank=0, shuffle=True, seed=seed)
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True)
 
 
