@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test lint bench demo study clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m abkd_vision.demo
+
+# the small real-data study (about 30 min on 2 CPU cores; needs ../shared/data/cifar10 or --data)
+study: $(STAMP)
+	$(PY) -m abkd_vision.study
 
 clean:
 	rm -rf $(VENV) .pytest_cache
