@@ -177,6 +177,10 @@ def test_compiled_checkpoints_load_compiled_and_uncompiled(tmp_path, tiny_data, 
 
     x = torch.randn(4, 3, 16, 16)
     reference = compiled.eval()(x)
+    # it pickles (spawned DDP processes, deepcopy) and the copy compiles again on its first call
+    import pickle
+
+    torch.testing.assert_close(pickle.loads(pickle.dumps(compiled)).eval()(x), reference)
     for compile in (False, {"backend": "eager"}):
         loaded = type(plain).load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=False,
                                                   compile=compile, **({"teacher_ckpt": None}

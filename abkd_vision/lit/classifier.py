@@ -42,29 +42,35 @@ def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
-def compile_network(network: nn.Module, options: bool | dict | None) -> nn.Module | None:
-    """``torch.compile(network, **options)`` (``True``: default options; ``False``/``None``: no compilation).
-
-    The compiled wrapper shares the network's parameters but is kept outside the module tree (the caller stores
-    it in a plain attribute), so checkpoints have the same keys compiled or not and load either way.
-    """
+def compile_network(network: nn.Module, options: bool | dict | None) -> CompiledNetwork | None:
+    """A :class:`CompiledNetwork` for ``torch.compile(network, **options)`` (``True``: default options;
+    ``False``/``None``: None, no compilation)."""
     if options is None or options is False:
         return None
     if options is True:
         options = {}
     if not isinstance(options, dict):
         raise ValueError(f"compile must be true, false or a dict of torch.compile options, got {options!r}")
-    return _Unregistered(torch.compile(network, **options))
+    return CompiledNetwork(network, options)
 
 
-class _Unregistered:
-    """Holds a module without making it a submodule of the LightningModule (no state-dict keys, no .to())."""
+class CompiledNetwork:
+    """``torch.compile(network, **options)``, kept outside the LightningModule's module tree: it shares the
+    network's parameters but adds no state-dict keys, so checkpoints are the same compiled or not and load either
+    way. Compiled on the first call (after Lightning moved the network to its device); not pickled (spawned DDP
+    processes compile their own)."""
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, network: nn.Module, options: dict):
+        self.network, self.options = network, dict(options)
+        self._compiled = None
 
     def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.network, **self.options)
+        return self._compiled(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_compiled": None}
 
 
 def mean_entropy(logits: Tensor) -> Tensor:
