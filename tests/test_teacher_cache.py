@@ -19,6 +19,7 @@ from torchvision.transforms import functional as TF
 from abkd_vision.data import ImageFolderDataModule, cifar_train_transform, export_image_folder
 from abkd_vision.data.transforms import CropFlipViews, IndexedViews, _with_transform
 from abkd_vision.lit import DistillationModule
+from abkd_vision.lit import common as common_module
 from abkd_vision.lit import distillation as distillation_module
 from abkd_vision.models import create_model
 from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache, cache_key, teacher_sha256
@@ -214,6 +215,7 @@ def _live_logits_for_filled(cache: TeacherLogitCache, data: ImageFolderDataModul
 def test_distillation_with_cache_matches_live_teacher(tmp_path, folder32, teacher_ckpt, monkeypatch):
     messages = []
     monkeypatch.setattr(distillation_module, "rank_zero_info", messages.append)
+    monkeypatch.setattr(common_module, "rank_zero_info", messages.append)
     _, _, live_losses, _ = _run(folder32, teacher_ckpt, cache=None)
     assert not messages  # the cache is opt-in: nothing changes without it
 
@@ -251,6 +253,7 @@ def _only_subdir_key(root: Path) -> dict:
 def test_other_augmentation_or_teacher_falls_back_to_live_teacher(tmp_path, folder32, teacher_ckpt, monkeypatch):
     messages = []
     monkeypatch.setattr(distillation_module, "rank_zero_info", messages.append)
+    monkeypatch.setattr(common_module, "rank_zero_info", messages.append)
     module, _, losses, _ = _run(folder32, teacher_ckpt, cache=tmp_path / "cache", epochs=1)
     (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
 
@@ -317,5 +320,6 @@ def test_two_processes_fill_one_cache(tmp_path, teacher_ckpt, monkeypatch):
 
     messages = []
     monkeypatch.setattr(distillation_module, "rank_zero_info", messages.append)
+    monkeypatch.setattr(common_module, "rank_zero_info", messages.append)
     module, _, _, _ = _run(folder, teacher_ckpt, cache=tmp_path / "c", epochs=1)
     assert module.teacher.cache_misses == 0 and module.teacher.cache_hits == 8  # one batch of 8 (drop_last)

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from abkd_vision.io import atomic_write
+from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache
 
 __all__ = ["GuardedTraining", "NONFINITE_POLICIES", "NonFiniteGuard", "count_correct", "kd_warmup_scale",
            "save_recovery_checkpoint", "write_results"]
@@ -172,6 +173,79 @@ class GuardedTraining:
 
     def on_train_epoch_end(self) -> None:
         self.nonfinite_guard.check(self)
+
+
+class TeacherLogitCaching:
+    """Mixin of the distillation modules: the opt-in teacher-logit cache (:mod:`abkd_vision.teacher_cache`).
+
+    When the option named by ``logit_cache_option`` is set, ``setup("fit")`` opens the cache for this teacher,
+    data and augmentation (the data module names its views: ``teacher_views()`` and ``view_dataset_key()``), hands
+    it to the teacher and makes the data yield ``(images, target, index, view)``; any mismatch runs the live
+    teacher instead, saying why once. ``index`` and ``view`` stay on the host, where the cache reads them, so a
+    warm-cache step copies nothing back from the device. Subclasses say where the teacher holds the cache and how
+    the key is made.
+    """
+
+    logit_cache_option = "teacher_cache"  # the hyper-parameter holding the cache folder
+    logit_cache_views = "cacheable augmentation"  # what the data must offer, for the message when it does not
+    teacher_cache_note: str | None = None  # where the cache is, or why it is off, once set up
+
+    def attached_logit_cache(self) -> TeacherLogitCache | None:
+        raise NotImplementedError
+
+    def attach_logit_cache(self, cache: TeacherLogitCache | None) -> None:
+        raise NotImplementedError
+
+    def logit_cache_key(self, datamodule, views) -> dict:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.hparams.get(self.logit_cache_option):
+            self.setup_logit_cache()
+
+    def setup_logit_cache(self) -> TeacherLogitCache | None:
+        """Attach the cache and switch the data to named views; or fall back to the live teacher, saying why."""
+        location = self.hparams.get(self.logit_cache_option)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        views = datamodule.teacher_views() if hasattr(datamodule, "teacher_views") else None
+        if views is None:
+            what = type(datamodule).__name__ if datamodule is not None else "no data module"
+            return self._logit_cache_off(f"the training data ({what}) has no {self.logit_cache_views}")
+        try:
+            cache = TeacherLogitCache.open(location, self.logit_cache_key(datamodule, views))
+        except CacheMismatch as err:
+            return self._logit_cache_off(str(err))
+        self.attach_logit_cache(cache)
+        datamodule.return_views = True
+        self.teacher_cache_note = f"teacher cache {cache.directory}"
+        rank_zero_info(f"teacher logits cached in {cache.directory} ({cache.filled_count():,} of "
+                       f"{cache.num_images * cache.num_views:,} image views filled; the rest are filled as "
+                       "training meets them)")
+        return cache
+
+    def _logit_cache_off(self, reason: str) -> None:
+        self.attach_logit_cache(None)
+        self.teacher_cache_note = f"teacher cache off: {reason}"
+        rank_zero_info(f"teacher cache {self.hparams.get(self.logit_cache_option)} not used, the live teacher runs "
+                       f"instead: {reason}")
+        return None
+
+    def teardown(self, stage: str) -> None:
+        cache = self.attached_logit_cache()
+        if stage == "fit" and cache is not None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if hasattr(datamodule, "return_views"):
+                datamodule.return_views = False
+            cache.close()
+            self.attach_logit_cache(None)
+        super().teardown(stage)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        if self.attached_logit_cache() is not None and isinstance(batch, (list, tuple)) and len(batch) == 4:
+            images, target, index, view = batch
+            return [*super().transfer_batch_to_device([images, target], device, dataloader_idx), index, view]
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
 
 def kd_warmup_scale(epoch: int, warmup_epochs: int) -> float:

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from abkd_vision.heads import KD, DistillationHead
 from abkd_vision.lit.classifier import ImageClassificationTask, mean_entropy
-from abkd_vision.lit.common import count_correct, kd_warmup_scale
+from abkd_vision.lit.common import TeacherLogitCaching, count_correct, kd_warmup_scale
 from abkd_vision.models import create_model, load_checkpoint
-from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache, cache_key, cached_logits, teacher_sha256
+from abkd_vision.teacher_cache import TeacherLogitCache, cache_key, cached_logits, teacher_sha256
 
 
 class FrozenTeacher(nn.Module):
@@ -68,7 +68,7 @@ class FrozenTeacher(nn.Module):
         return logits
 
 
-class DistillationModule(ImageClassificationTask):
+class DistillationModule(TeacherLogitCaching, ImageClassificationTask):
     """Distill ``teacher`` into ``student`` with a KD head.
 
     Args:
@@ -120,60 +120,26 @@ class DistillationModule(ImageClassificationTask):
         self.teacher_val_acc1: float | None = None
         if teacher_cache_dtype not in ("float16", "float32"):
             raise ValueError(f"teacher_cache_dtype must be 'float16' or 'float32', got {teacher_cache_dtype!r}")
-        self.teacher_cache_note: str | None = None  # why the cache is off (or where it is), once set up
 
-    # -- the teacher-logit cache -------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.get("teacher_cache"):
-            self.setup_teacher_cache()
+    # -- the teacher-logit cache (TeacherLogitCaching does the rest) ---------------------------------------
+    logit_cache_option = "teacher_cache"
+    logit_cache_views = ("cacheable crop/flip augmentation (CIFAR100DataModule/ImageFolderDataModule with their "
+                         "default train transform)")
 
     def teacher_sha256(self) -> str:
         """SHA-256 of the teacher checkpoint file, or of the teacher's weights when there is no such file."""
         return teacher_sha256(self.hparams.teacher_ckpt, self.teacher.model)
 
-    def setup_teacher_cache(self) -> TeacherLogitCache | None:
-        """Attach the cache to the teacher and make the data module yield views; or fall back, saying why."""
-        location = self.hparams.teacher_cache
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        views = datamodule.teacher_views() if hasattr(datamodule, "teacher_views") else None
-        if views is None:
-            what = type(datamodule).__name__ if datamodule is not None else "no data module"
-            return self._cache_off(f"the training data ({what}) has no cacheable crop/flip augmentation "
-                                   "(CIFAR100DataModule/ImageFolderDataModule with their default train transform)")
-        try:
-            key = cache_key(teacher=self.hparams.teacher, num_classes=self.num_classes,
-                            teacher_sha256=self.teacher_sha256(), dataset=datamodule.view_dataset_key(),
-                            views=views, dtype=self.hparams.teacher_cache_dtype)
-            cache = TeacherLogitCache.open(location, key)
-        except CacheMismatch as err:
-            return self._cache_off(str(err))
+    def attached_logit_cache(self) -> TeacherLogitCache | None:
+        return self.teacher.cache
+
+    def attach_logit_cache(self, cache: TeacherLogitCache | None) -> None:
         self.teacher.cache = cache
-        datamodule.return_views = True
-        self.teacher_cache_note = f"teacher cache {cache.directory}"
-        rank_zero_info(f"teacher logits cached in {cache.directory} ({cache.filled_count():,} of "
-                       f"{cache.num_images * cache.num_views:,} image views filled; the rest are filled as "
-                       "training meets them)")
-        return cache
 
-    def _cache_off(self, reason: str) -> None:
-        self.teacher.cache = None
-        self.teacher_cache_note = f"teacher cache off: {reason}"
-        rank_zero_info(f"teacher cache {self.hparams.teacher_cache} not used, the live teacher runs instead: {reason}")
-        return None
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        if self.teacher.cache is not None and isinstance(batch, (list, tuple)) and len(batch) == 4:
-            images, target, index, view = batch  # the cache is indexed on the host: keep index and view there
-            return [*super().transfer_batch_to_device([images, target], device, dataloader_idx), index, view]
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def teardown(self, stage: str) -> None:
-        if stage == "fit" and self.teacher.cache is not None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            if hasattr(datamodule, "return_views"):
-                datamodule.return_views = False
-            self.teacher.cache.close()
-            self.teacher.cache = None
+    def logit_cache_key(self, datamodule, views) -> dict:
+        return cache_key(teacher=self.hparams.teacher, num_classes=self.num_classes,
+                         teacher_sha256=self.teacher_sha256(), dataset=datamodule.view_dataset_key(),
+                         views=views, dtype=self.hparams.teacher_cache_dtype)
 
     # -- training ----------------------------------------------------------------------------------------
     def kd_scale(self) -> float:

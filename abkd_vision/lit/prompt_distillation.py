@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from abkd_vision.heads import DKD, KD, DistillationHead
 from abkd_vision.lit.base_to_new import BaseToNewTask
-from abkd_vision.lit.common import count_correct, kd_warmup_scale
+from abkd_vision.lit.common import TeacherLogitCaching, count_correct, kd_warmup_scale
 from abkd_vision.metrics import harmonic_mean
 from abkd_vision.models.clip import PromptedCLIP, PromptedImageStudent, TextFeatureCache, load_prompt_checkpoint
-from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache, cache_key, cached_logits, sha256_weights
+from abkd_vision.teacher_cache import TeacherLogitCache, cache_key, cached_logits, sha256_weights
 
 __all__ = ["FrozenCLIPTeacher", "PromptDistillationModule"]
 
@@ -67,7 +67,7 @@ class FrozenCLIPTeacher(nn.Module):
         return logits
 
 
-class PromptDistillationModule(BaseToNewTask):
+class PromptDistillationModule(TeacherLogitCaching, BaseToNewTask):
     """Prompt distillation on base-to-new data.
 
     Args:
@@ -129,55 +129,22 @@ class PromptDistillationModule(BaseToNewTask):
             raise ValueError(f"teacher_logit_cache_dtype must be 'float16' or 'float32', got "
                              f"{teacher_logit_cache_dtype!r}")
 
-    # -- the teacher's image-logit cache ---------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit" and self.hparams.get("teacher_logit_cache"):
-            self.setup_teacher_logit_cache()
+    # -- the teacher's image-logit cache (TeacherLogitCaching does the rest) --------------------------------------
+    logit_cache_option = "teacher_logit_cache"
+    logit_cache_views = "seeded view stream (BaseToNewDataModule with a trainer that sets max_epochs)"
 
-    def setup_teacher_logit_cache(self) -> TeacherLogitCache | None:
-        """Attach the cache and switch the data to the seeded view stream; or run the live teacher, saying why."""
-        location = self.hparams.teacher_logit_cache
-        datamodule = getattr(self.trainer, "datamodule", None)
-        views = datamodule.teacher_views() if hasattr(datamodule, "teacher_views") else None
-        if views is None:
-            what = type(datamodule).__name__ if datamodule is not None else "no data module"
-            return self._logit_cache_off(f"the training data ({what}) has no seeded view stream "
-                                         "(BaseToNewDataModule with a trainer that sets max_epochs)")
-        try:
-            key = cache_key(teacher=self.hparams.teacher_arch, num_classes=len(self.class_names),
-                            teacher_sha256="weights:" + sha256_weights(self.teacher.model),
-                            dataset=datamodule.view_dataset_key(), views=views,
-                            dtype=self.hparams.teacher_logit_cache_dtype)
-            cache = TeacherLogitCache.open(location, key)
-        except CacheMismatch as err:
-            return self._logit_cache_off(str(err))
+    def attached_logit_cache(self) -> TeacherLogitCache | None:
+        return self.teacher.logit_cache
+
+    def attach_logit_cache(self, cache: TeacherLogitCache | None) -> None:
         self.teacher.logit_cache = cache
-        datamodule.return_views = True
-        rank_zero_info(f"teacher image logits cached in {cache.directory} ({cache.filled_count():,} of "
-                       f"{cache.num_images * cache.num_views:,} (image, epoch) views filled; the rest are filled "
-                       "as training meets them)")
-        return cache
 
-    def _logit_cache_off(self, reason: str) -> None:
-        self.teacher.logit_cache = None
-        rank_zero_info(f"teacher logit cache {self.hparams.teacher_logit_cache} not used, the live teacher runs "
-                       f"instead: {reason}")
-        return None
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        if self.teacher.logit_cache is not None and isinstance(batch, (list, tuple)) and len(batch) == 4:
-            images, target, index, epoch = batch  # the cache is indexed on the host: keep index and epoch there
-            return [*super().transfer_batch_to_device([images, target], device, dataloader_idx), index, epoch]
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def teardown(self, stage: str) -> None:
-        if stage == "fit" and self.teacher.logit_cache is not None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            if hasattr(datamodule, "return_views"):
-                datamodule.return_views = False
-            self.teacher.logit_cache.close()
-            self.teacher.logit_cache = None
+    def logit_cache_key(self, datamodule, views) -> dict:
+        # the weights include the teacher's prompts; the class names are in the dataset part of the key
+        return cache_key(teacher=self.hparams.teacher_arch, num_classes=len(self.class_names),
+                         teacher_sha256="weights:" + sha256_weights(self.teacher.model),
+                         dataset=datamodule.view_dataset_key(), views=views,
+                         dtype=self.hparams.teacher_logit_cache_dtype)
 
     # -- checks --------------------------------------------------------------------------------------------------
     def check_classes(self, datamodule) -> None:
