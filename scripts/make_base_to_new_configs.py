@@ -60,8 +60,9 @@ HEADER = (
 def teacher_yaml(dataset: str) -> str:
     return HEADER + "\n".join([
         "# Teacher: ViT-L/14 CLIP prompt-tuned with PromptSRC's recipe (IVLP deep prompts, 4 text + 4 vision tokens,",
-        "# depth 9, self-regulating consistency terms 10/25/1) on the base classes, 16 shots per class drawn by the",
-        "# seed, SGD lr 0.005, batch 8, 20 epochs. The prompts are saved in the run's checkpoints/last.ckpt.",
+        "# depth 9, self-regulating consistency terms 10/25/1, Gaussian prompt aggregation over epochs with mean 15",
+        "# and std 1) on the base classes, 16 shots per class drawn by the seed, SGD lr 0.005, batch 8, 20 epochs.",
+        "# The (aggregated) prompts are saved in the run's checkpoints/last.ckpt.",
         "# Run: python run.py fit --config configs/base_to_new/base.yaml "
         f"--config configs/base_to_new/teacher/{dataset}.yaml",
         "model:",
@@ -76,6 +77,8 @@ def teacher_yaml(dataset: str) -> str:
         "    scl_image_weight: 10.0",
         "    scl_text_weight: 25.0",
         "    scl_logits_weight: 1.0",
+        "    gpa_mean: 15.0",
+        "    gpa_std: 1.0",
         "    lr: 0.005",
         "data:",
         "  init_args:",

@@ -288,3 +288,48 @@ def test_teacher_logit_cache_replays_the_seeded_views_across_heads(eurosat, teac
     _, live_rows = run("kd", "kd_live", "--trainer.callbacks+=abkd_vision.cli.ExactResume")
     assert "train/teacher_cache_hit_rate_epoch" not in live_rows[0]
     np.testing.assert_allclose(column(live_rows, "train/kd_step"), column(kd_rows, "train/kd_step"), rtol=2e-3)
+
+
+def test_gaussian_prompt_aggregation_finishes_with_the_weighted_epoch_average(eurosat, tmp_path):
+    """gpa_mean/gpa_std (PromptSRC's GPA): the prompts the run ends with (and validates, and saves) are
+    sum_e w_e theta_e over the epochs' end-of-training weights, w a normalised Gaussian over epochs 1..3."""
+    from lightning.pytorch import Callback, Trainer
+
+    from abkd_vision.data import BaseToNewDataModule
+
+    class EpochEnds(Callback):
+        def __init__(self):
+            self.thetas = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx + 1 == trainer.num_training_batches:
+                self.thetas.append({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad})
+
+    torch.manual_seed(0)
+    module = PromptTuningModule(arch="abkd-tiny-vit-large-quickgelu", pretrained=None, text_depth=3, vision_depth=3,
+                                lr=0.05, warmup_epochs=0, gpa_mean=2.0, gpa_std=1.0)
+    data = BaseToNewDataModule("EuroSAT", root=str(eurosat), train_classes="base", image_size=32, batch_size=8,
+                               eval_batch_size=16, num_workers=0)
+    seen = EpochEnds()
+    Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, callbacks=[seen]).fit(module, datamodule=data)
+    w = module.gpa_weights(3)
+    g = [math.exp(-0.5 * (e - 2.0) ** 2) for e in (1, 2, 3)]
+    assert w == pytest.approx([x / sum(g) for x in g])
+    assert len(seen.thetas) == 3 and any(not torch.equal(seen.thetas[0][n], seen.thetas[2][n]) for n in seen.thetas[0])
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            expected = sum(wi * theta[name] for wi, theta in zip(w, seen.thetas))
+            torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert len(module.history) == 3  # the last validation ran on the aggregated prompts
+    # the running sum travels with the checkpoint (a resumed run keeps aggregating)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    fresh = PromptTuningModule(arch="abkd-tiny-vit-large-quickgelu", pretrained=None, text_depth=3, vision_depth=3,
+                               gpa_mean=2.0)
+    fresh.on_load_checkpoint(checkpoint)
+    assert set(fresh.gpa_sum) == set(module.gpa_sum)
+    assert all(torch.equal(fresh.gpa_sum[n], module.gpa_sum[n]) for n in module.gpa_sum)
+    with pytest.raises(ValueError, match="gpa_std > 0"):
+        PromptTuningModule(arch="abkd-tiny-vit-large-quickgelu", pretrained=None, text_depth=3, vision_depth=3,
+                           gpa_mean=15.0, gpa_std=0.0)

@@ -10,8 +10,13 @@ PromptSRC's consistency terms regularise the prompted features towards the froze
 weights with the prompts switched off, :func:`~abkd_vision.models.clip.prompts_disabled`):
 ``scl_image_weight * L1(f_img, f_img_zs) + scl_text_weight * L1(f_txt, f_txt_zs) + scl_logits_weight *
 KL(zs logits || logits) / C`` (the KL summed over classes and averaged over ``B * C``, as PromptSRC; the text
-anchor averages ``zero_shot_templates``). PromptSRC uses 10, 25 and 1. Its Gaussian prompt aggregation over epochs is
-not implemented.
+anchor averages ``zero_shot_templates``). PromptSRC uses 10, 25 and 1.
+
+PromptSRC's Gaussian prompt aggregation (``gpa_mean``, ``gpa_std``; PromptSRC: 15 and 1 over 20 epochs): the
+trained tensors at the end of epoch ``e`` (1-based) get the weight ``w_e = N(e; mean, std) / sum_k N(k; mean, std)``
+over the epochs ``k = 1..max_epochs``, and the model finishes with ``sum_e w_e * theta_e``. The aggregate replaces
+the weights at the end of the last training epoch, so that epoch's validation, ``results.json`` and ``last.ckpt``
+are those of the aggregated prompts.
 
 Evaluation uses the text features of all classes, computed once per weights (:class:`TextFeatureCache`), sliced
 into base and new. With ``learn_ctx: false`` and both depths 0 the module is zero-shot CLIP
@@ -20,6 +25,9 @@ into base and new. With ``learn_ctx: false`` and both depths 0 the module is zer
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -41,6 +49,7 @@ class PromptTuningModule(BaseToNewTask):
             (``model-best.pth.tar``); ``init_ckpt_trusted`` allows full unpickling (PromptKD files need it).
         num_classes: optional check against the data (the CLI links ``data.num_classes``).
         scl_image_weight, scl_text_weight, scl_logits_weight: PromptSRC's consistency terms (0 = off).
+        gpa_mean, gpa_std: PromptSRC's Gaussian prompt aggregation over epochs (None = off; PromptSRC: 15, 1).
         zero_shot_templates: the templates averaged for the zero-shot text anchor.
         lr, momentum, weight_decay, warmup_epochs, warmup_lr, report_epoch: see :class:`BaseToNewTask`.
         text_cache_dir: on-disk cache of the text features for ``validate``/``test`` runs (None = memory only).
@@ -55,9 +64,14 @@ class PromptTuningModule(BaseToNewTask):
                  zero_shot_templates: list[str] | None = None,
                  lr: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int = 1,
                  warmup_lr: float = 1e-5, report_epoch: str = "last", text_cache_dir: str | None = None,
-                 nonfinite: str = "raise", max_skipped_steps: int = 100):
+                 nonfinite: str = "raise", max_skipped_steps: int = 100, gpa_mean: float | None = None,
+                 gpa_std: float = 1.0):
         super().__init__()
         self.save_hyperparameters()
+        if gpa_mean is not None and not (math.isfinite(gpa_mean) and math.isfinite(gpa_std) and gpa_std > 0):
+            raise ValueError(f"Gaussian prompt aggregation needs a finite gpa_mean and gpa_std > 0, got "
+                             f"gpa_mean={gpa_mean}, gpa_std={gpa_std} (PromptSRC: 15 and 1 over 20 epochs)")
+        self.gpa_sum: dict[str, Tensor] | None = None  # sum_e w_e * theta_e so far (in checkpoints)
         for name in ("scl_image_weight", "scl_text_weight", "scl_logits_weight"):
             if not getattr(self.hparams, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self.hparams, name)}")
@@ -123,6 +137,42 @@ class PromptTuningModule(BaseToNewTask):
         self.log_dict({"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}}, on_step=True,
                       on_epoch=True, prog_bar=True)
         return self.guard_loss(loss, **terms)
+
+    # -- Gaussian prompt aggregation ------------------------------------------------------------------------------
+    def gpa_weights(self, max_epochs: int) -> list[float]:
+        """``w_e`` for the epochs e = 1..max_epochs: a Gaussian over the epochs, normalised to sum to 1."""
+        mean, std = self.hparams.gpa_mean, self.hparams.gpa_std
+        raw = [math.exp(-0.5 * ((e - mean) / std) ** 2) for e in range(1, max_epochs + 1)]
+        total = sum(raw)
+        if total == 0:
+            raise ValueError(f"gpa_mean={mean} with gpa_std={std} puts no weight on the epochs 1..{max_epochs}")
+        return [r / total for r in raw]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.hparams.get("gpa_mean") is None or batch_idx + 1 != self.trainer.num_training_batches:
+            return
+        # the end of an epoch's training (before its validation): add this epoch's weights, once per epoch
+        max_epochs = self.trainer.max_epochs
+        weight = self.gpa_weights(max_epochs)[self.current_epoch]
+        trained = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            if self.gpa_sum is None:
+                self.gpa_sum = {n: torch.zeros_like(p) for n, p in trained.items()}
+            for name, param in trained.items():
+                self.gpa_sum[name].add_(param.detach(), alpha=weight)
+            if self.current_epoch + 1 == max_epochs:
+                for name, param in trained.items():
+                    param.copy_(self.gpa_sum[name])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.gpa_sum is not None:
+            checkpoint["gpa_sum"] = {n: t.detach().cpu().clone() for n, t in self.gpa_sum.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("gpa_sum")
+        self.gpa_sum = None if saved is None else {n: t.to(self.device) for n, t in saved.items()}
 
     # -- evaluation ------------------------------------------------------------------------------------------------
     def eval_logits(self, images: Tensor, group: str) -> Tensor:
