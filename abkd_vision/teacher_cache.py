@@ -46,6 +46,7 @@ __all__ = [
     "cache_dirname",
     "cache_key",
     "cached_logits",
+    "check_dtype",
     "fill_cache",
     "sha256_file",
     "sha256_weights",
@@ -85,12 +86,18 @@ def teacher_sha256(teacher_ckpt: str | os.PathLike | None, model: nn.Module) -> 
     return "weights:" + sha256_weights(model)
 
 
+def check_dtype(dtype: str, name: str = "teacher cache dtype") -> str:
+    """``dtype`` if it is a storage dtype of the cache ("float16", "float32"), else a ValueError naming ``name``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
 def cache_key(*, teacher: str, num_classes: int, teacher_sha256: str, dataset: dict, views,
               dtype: str = "float16") -> dict:
     """The full key of a cache (what its header holds). ``views``: anything with ``params()`` and ``num_views``
     (:class:`~abkd_vision.data.transforms.CropFlipViews`, :class:`~abkd_vision.data.resumable.SeededViewStream`)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"teacher cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     if "num_images" not in dataset:
         raise ValueError("the dataset key needs num_images")
     from abkd_vision.models import resolve_model_name

@@ -7,6 +7,8 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from abkd_vision.data.transforms import IndexedViews
+
 
 def _accelerator_available() -> bool:
     acc = getattr(torch, "accelerator", None)  # torch >= 2.6
@@ -113,6 +115,16 @@ class ClassificationDataModule(L.LightningDataModule):
     test_set: Dataset | None = None
 
     exact_resume: bool = False  # set by the ExactResume callback
+    # The view-naming form of the training augmentation (CropFlipViews), set by subclasses whose default
+    # transform has one; None otherwise.
+    train_views = None
+    # Set by DistillationModule(teacher_cache=...) when its cache is usable: training batches are then
+    # (images, target, index, view) (see abkd_vision.teacher_cache); otherwise (images, target).
+    return_views: bool = False
+
+    def teacher_views(self):
+        """The view-naming form of the training augmentation (None if it has none)."""
+        return self.train_views
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
@@ -130,6 +142,8 @@ class ClassificationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.return_views and self.train_set is not None and self.train_views is not None:
+            return self._loader(IndexedViews(self.train_set, self.train_views), train=True)
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR100
 
 from abkd_vision.data.base import ClassificationDataModule, resolve_num_workers
@@ -29,7 +28,6 @@ from abkd_vision.data.transforms import (
     CIFAR100_MEAN,
     CIFAR100_STD,
     CropFlipViews,
-    IndexedViews,
     cifar_eval_transform,
     cifar_train_transform,
 )
@@ -112,24 +110,12 @@ class CIFAR100DataModule(ClassificationDataModule):
         self.train_views = CropFlipViews(image_size, mean, std)  # the same augmentation, naming its view
         self.train_set: CIFAR100 | None = None
         self.test_set: CIFAR100 | None = None
-        # Set by DistillationModule(teacher_cache=...) when its cache is usable: training batches are then
-        # (images, target, index, view) (see abkd_vision.teacher_cache); otherwise (images, target).
-        self.return_views = False
-
-    def teacher_views(self) -> CropFlipViews | None:
-        """The view-naming form of the training augmentation (None if it has none)."""
-        return self.train_views
 
     def view_dataset_key(self) -> dict:
         """What identifies the training images and their order (part of a teacher-logit cache key)."""
         if self.train_set is None:
             raise RuntimeError("call setup('fit') first")
         return {"dataset": "cifar100", "split": "train", "num_images": len(self.train_set)}
-
-    def train_dataloader(self) -> DataLoader:
-        if self.return_views and self.train_set is not None:
-            return self._loader(IndexedViews(self.train_set, self.train_views), train=True)
-        return super().train_dataloader()
 
     # ------------------------------------------------------------------ availability and errors
 

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
@@ -33,7 +33,6 @@ from abkd_vision.data.transforms import (
     CIFAR100_MEAN,
     CIFAR100_STD,
     CropFlipViews,
-    IndexedViews,
     cifar_eval_transform,
     cifar_train_transform,
 )
@@ -144,9 +143,6 @@ class ImageFolderDataModule(ClassificationDataModule):
         # The view-naming form of the default augmentation (none for a custom train_transform).
         self.train_views = None if train_transform is not None else CropFlipViews(image_size, mean, std, padding,
                                                                                   hflip)
-        # Set by DistillationModule(teacher_cache=...) when its cache is usable: training batches are then
-        # (images, target, index, view) (see abkd_vision.teacher_cache); otherwise (images, target).
-        self.return_views = False
         self.train_set: ImageFolder | None = None
         self.val_set: ImageFolder | None = None
         self.test_set: ImageFolder | None = None
@@ -209,10 +205,6 @@ class ImageFolderDataModule(ClassificationDataModule):
             if ds is not None and ds.classes != self.class_names:
                 raise ValueError(f"class folders of {ds.root} changed since __init__; {LAYOUT_HELP}")
 
-    def teacher_views(self) -> CropFlipViews | None:
-        """The view-naming form of the training augmentation (None for a custom ``train_transform``)."""
-        return self.train_views
-
     def view_dataset_key(self) -> dict:
         """What identifies the training images and their order (part of a teacher-logit cache key): the root,
         the subset, and a SHA-256 of the ordered (relative path, label) list."""
@@ -226,8 +218,3 @@ class ImageFolderDataModule(ClassificationDataModule):
             digest.update(f"{os.path.relpath(path, ds.root)}\t{label}\n".encode())
         return {"dataset": f"imagefolder:{self.root}", "split": "train", "num_images": len(self.train_set),
                 "train_per_class": self.hparams.train_per_class, "files_sha256": digest.hexdigest()}
-
-    def train_dataloader(self) -> DataLoader:
-        if self.return_views and self.train_set is not None and self.train_views is not None:
-            return self._loader(IndexedViews(self.train_set, self.train_views), train=True)
-        return super().train_dataloader()

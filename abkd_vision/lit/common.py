@@ -241,6 +241,11 @@ class TeacherLogitCaching:
             self.attach_logit_cache(None)
         super().teardown(stage)
 
+    def log_cache_hit_rate(self, rate: float | None, batch_size: int) -> None:
+        """``train/teacher_cache_hit_rate`` of a batch that named its views (per step and per epoch)."""
+        if rate is not None:
+            self.log("train/teacher_cache_hit_rate", rate, on_step=True, on_epoch=True, batch_size=batch_size)
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         if self.attached_logit_cache() is not None and isinstance(batch, (list, tuple)) and len(batch) == 4:
             images, target, index, view = batch

@@ -25,7 +25,7 @@ from abkd_vision.heads import KD, DistillationHead
 from abkd_vision.lit.classifier import ImageClassificationTask, mean_entropy
 from abkd_vision.lit.common import TeacherLogitCaching, count_correct, kd_warmup_scale
 from abkd_vision.models import create_model, load_checkpoint
-from abkd_vision.teacher_cache import TeacherLogitCache, cache_key, cached_logits, teacher_sha256
+from abkd_vision.teacher_cache import TeacherLogitCache, cache_key, cached_logits, check_dtype, teacher_sha256
 
 
 class FrozenTeacher(nn.Module):
@@ -118,8 +118,7 @@ class DistillationModule(TeacherLogitCaching, ImageClassificationTask):
         self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
         self.init_task(student, num_classes, lr, nonfinite, max_skipped_steps, channels_last, compile)
         self.teacher_val_acc1: float | None = None
-        if teacher_cache_dtype not in ("float16", "float32"):
-            raise ValueError(f"teacher_cache_dtype must be 'float16' or 'float32', got {teacher_cache_dtype!r}")
+        check_dtype(teacher_cache_dtype, "teacher_cache_dtype")
 
     # -- the teacher-logit cache (TeacherLogitCaching does the rest) ---------------------------------------
     logit_cache_option = "teacher_cache"
@@ -162,9 +161,8 @@ class DistillationModule(TeacherLogitCaching, ImageClassificationTask):
                       prog_bar=True)
         self.log_dict({"train/kd_scale": scale, "train/student_entropy": mean_entropy(student_logits.detach())},
                       on_step=False, on_epoch=True, sync_dist=True)
-        if views and self.teacher.last_hit_rate is not None:
-            self.log("train/teacher_cache_hit_rate", self.teacher.last_hit_rate, on_step=True, on_epoch=True,
-                     batch_size=target.shape[0])
+        if views:
+            self.log_cache_hit_rate(self.teacher.last_hit_rate, target.shape[0])
         return self.guard_loss(loss, ce=ce, kd=kd)
 
     # -- teacher checks ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from abkd_vision.lit.base_to_new import BaseToNewTask
 from abkd_vision.lit.common import TeacherLogitCaching, count_correct, kd_warmup_scale
 from abkd_vision.metrics import harmonic_mean
 from abkd_vision.models.clip import PromptedCLIP, PromptedImageStudent, TextFeatureCache, load_prompt_checkpoint
-from abkd_vision.teacher_cache import TeacherLogitCache, cache_key, cached_logits, sha256_weights
+from abkd_vision.teacher_cache import TeacherLogitCache, cache_key, cached_logits, check_dtype, sha256_weights
 
 __all__ = ["FrozenCLIPTeacher", "PromptDistillationModule"]
 
@@ -125,9 +125,7 @@ class PromptDistillationModule(TeacherLogitCaching, BaseToNewTask):
         self.teacher_result: dict | None = None
         self.init_task(lr, momentum, weight_decay, warmup_epochs, warmup_lr, report_epoch, num_classes, nonfinite,
                        max_skipped_steps)
-        if teacher_logit_cache_dtype not in ("float16", "float32"):
-            raise ValueError(f"teacher_logit_cache_dtype must be 'float16' or 'float32', got "
-                             f"{teacher_logit_cache_dtype!r}")
+        check_dtype(teacher_logit_cache_dtype, "teacher_logit_cache_dtype")
 
     # -- the teacher's image-logit cache (TeacherLogitCaching does the rest) --------------------------------------
     logit_cache_option = "teacher_logit_cache"
@@ -207,9 +205,8 @@ class PromptDistillationModule(TeacherLogitCaching, BaseToNewTask):
         loss = self.kd_weight * scale * kd
         self.log_dict({"train/loss": loss, "train/kd": kd}, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/kd_scale", scale, on_step=False, on_epoch=True)
-        if views and self.teacher.last_hit_rate is not None:
-            self.log("train/teacher_cache_hit_rate", self.teacher.last_hit_rate, on_step=True, on_epoch=True,
-                     batch_size=target.shape[0])
+        if views:
+            self.log_cache_hit_rate(self.teacher.last_hit_rate, target.shape[0])
         return self.guard_loss(loss, kd=kd)
 
     # -- evaluation ------------------------------------------------------------------------------------------------
