@@ -37,11 +37,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from abkd_vision.io import atomic_write
+from abkd_vision.io import atomic_write, atomic_write_with
 from abkd_vision.sweep.grid import Run, SweepError, alpha_beta_overrides, split_extra
 from abkd_vision.sweep.runner import SweepOptions, build_command, run_sweep
 from abkd_vision.sweep.store import run_dir
-from abkd_vision.sweep.tables import format_mean_std
+from abkd_vision.sweep.tables import format_mean_std, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "study" / "cifar10"
@@ -184,6 +184,9 @@ def summarize(rows: Sequence[dict], arms: dict[str, Arm], teacher: dict | None) 
             **{key: _mean([d.get(key) for d, _ in diags]) for key in DIAGNOSTICS},
             "entropy_curve": {e: statistics.fmean(v) for e, v in sorted(curves.items())},
         })
+    # the teacher's entropy on the same validation images, as every distillation arm's diagnostics measured it
+    out["teacher_entropy"] = next((a["teacher_entropy"] for a in out["arms"] if a["teacher_entropy"] is not None),
+                                  None)
     return out
 
 
@@ -198,9 +201,8 @@ def markdown(summary: dict, setup: str) -> str:
              "|---|---|---|---|---|---|---|---|"]
     teacher = summary.get("teacher") or {}
     if teacher:
-        ent = next((a["teacher_entropy"] for a in summary["arms"] if a["teacher_entropy"] is not None), None)
         lines.append(f"| teacher {TEACHER[1]} | 1 | {format_mean_std([teacher['best_top1']])} | "
-                     f"{format_mean_std([teacher['last_top1']])} | {_fmt(ent)} | – | – | – |")
+                     f"{format_mean_std([teacher['last_top1']])} | {_fmt(summary['teacher_entropy'])} | – | – | – |")
     for a in summary["arms"]:
         logr = ("–" if a["logr_abs_mean_over"] is None else
                 f"{a['logr_abs_mean_over']:.4f} / {a['logr_abs_mean_under']:.4f}")
@@ -224,8 +226,7 @@ def plot(summary: dict, path: Path) -> None:
     if not arms:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    means = [statistics.fmean(a["best_top1"]) for a in arms]
-    stds = [statistics.stdev(a["best_top1"]) if len(a["best_top1"]) > 1 else 0.0 for a in arms]
+    means, stds = zip(*(mean_std(a["best_top1"]) for a in arms))
     left.bar(range(len(arms)), means, yerr=stds, capsize=4, color=[f"C{i}" for i in range(len(arms))])
     left.set_xticks(range(len(arms)), [a["arm"] for a in arms], rotation=30, ha="right", fontsize=8)
     low = min(m - s for m, s in zip(means, stds))
@@ -234,18 +235,14 @@ def plot(summary: dict, path: Path) -> None:
     for i, a in enumerate(arms):
         curve = a["entropy_curve"]
         right.plot([e + 1 for e in curve], list(curve.values()), marker="o", color=f"C{i}", label=a["arm"])
-    teacher_entropy = next((a["teacher_entropy"] for a in arms if a["teacher_entropy"] is not None), None)
-    if teacher_entropy is not None:
-        right.axhline(teacher_entropy, color="k", linestyle="--", label="teacher")
+    if summary["teacher_entropy"] is not None:
+        right.axhline(summary["teacher_entropy"], color="k", linestyle="--", label="teacher")
     right.set_xlabel("epoch")
     right.set_ylabel("student mean entropy (nats, T = 1)")
     right.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # --- command --------------------------------------------------------------------------------------------------
