@@ -7,13 +7,12 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import tiny_image_folder
 from torch import nn
 
 from abkd_vision.cli import main as cli_main
-from abkd_vision.data import export_image_folder
 from abkd_vision.diagnostics import DiagnosticStats, DistillationDiagnostics, log_mass_ratio
 from abkd_vision.heads import DKD, KD
 from abkd_vision.losses import AlphaBetaDivergence, ForwardKL, ReverseKL, build_divergence
@@ -224,14 +223,7 @@ def test_diagnostic_logits_method_is_preferred():
 # -- a real run through the CLI --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("diag_data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("test", 24)):
-        labels = np.arange(n) % 3
-        images = rng.integers(0, 40, size=(n, 16, 16, 3)).astype(np.uint8)
-        images[np.arange(n), :, :, labels] += 200
-        export_image_folder(images, labels, root, split, ["a", "b", "c"])
-    return root
+    return tiny_image_folder(tmp_path_factory.mktemp("diag_data"), 48, 24, noise=40, boost=200)
 
 
 def _config(tmp_path: Path, data: Path, model: dict, name: str, epochs: int, callbacks: list | None = None) -> Path:

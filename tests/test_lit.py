@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import tiny_image_folder
 from lightning.pytorch import Callback, Trainer
 
 from abkd_vision.cli import main as cli_main
-from abkd_vision.data import ImageFolderDataModule, export_image_folder, export_npz_cifar
+from abkd_vision.data import ImageFolderDataModule, export_npz_cifar
 from abkd_vision.heads import DKD, KD
 from abkd_vision.lit import ClassifierModule, DistillationModule
 from abkd_vision.losses import AlphaBetaDivergence
@@ -24,14 +24,7 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """Three classes of 16x16 images separable by brightness and colour."""
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("test", 24)):
-        labels = np.arange(n) % 3
-        images = rng.integers(0, 40, size=(n, 16, 16, 3)).astype(np.uint8)
-        images[np.arange(n), :, :, labels] += 200  # class k is bright in channel k
-        export_image_folder(images, labels, root, split, ["a", "b", "c"])
-    return root
+    return tiny_image_folder(tmp_path_factory.mktemp("tiny"), 48, 24, noise=40, boost=200)
 
 
 def _config(tmp_path: Path, data: Path, model: dict, name: str) -> Path:
