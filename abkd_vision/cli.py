@@ -17,9 +17,11 @@ import sys
 import warnings
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 # Imported so that configs can name classes by their short names and the models are registered.
 import abkd_vision.data  # noqa: F401
@@ -94,18 +96,27 @@ def run_setup(trainer: Trainer, pl_module: LightningModule) -> dict:
 
 
 class ExactResume(Callback):
-    """Make a run killed mid-epoch resumable exactly with ``--ckpt_path last``.
+    """Make the training data resumable exactly mid-epoch (on by default in ``run.py``).
 
-    Add it with ``ModelCheckpoint(every_n_train_steps=N, save_last=True)`` so that ``last.ckpt`` is written
-    during the epoch. The training data then come in an order and with augmentations that depend only on the
-    seed, the epoch and the sample (:mod:`abkd_vision.data.resumable`), and a restart skips the batches already
-    done; the optimiser, schedules, KD warm-up, best-epoch tracking and loop counters come from the checkpoint.
-    Single process; add ``trainer.deterministic: true`` for bit-identical CPU runs.
+    The training data then come in an order and with augmentations that depend only on the seed, the epoch and
+    the sample (:mod:`abkd_vision.data.resumable`), and a restart skips the batches already done; the optimiser,
+    schedules, KD warm-up, best-epoch tracking and loop counters come from the checkpoint, which
+    :class:`abkd_vision.durable.ResumeCheckpoint` keeps current. Under DDP each process takes its share of the
+    epoch's permutation (the rule of Lightning's DistributedSampler). Add ``trainer.deterministic: true`` for
+    bit-identical CPU runs. ``required=False`` (the default callback) lets other data modules train as they are.
     """
+
+    def __init__(self, required: bool = True):
+        self.required = required
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "exact_resume"):
+            if not self.required:
+                if stage == "fit" and datamodule is not None:
+                    rank_zero_info(f"{type(datamodule).__name__} has no seeded order: a resumed run continues from "
+                                   "its checkpoint but draws a new order for the interrupted epoch")
+                return
             raise ValueError(
                 f"ExactResume needs one of the suite's data modules (CIFAR100DataModule, ImageFolderDataModule, "
                 f"BaseToNewDataModule), got {type(datamodule).__name__}"
@@ -126,6 +137,130 @@ class DistillationCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            from abkd_vision.resume import RESUME_CHANGES_CHOICES, RESUME_CHOICES
+
+            parser.add_argument("--resume", type=Literal[RESUME_CHOICES], default="never",
+                                help="auto: continue from the run folder's last.ckpt when there is one, else start "
+                                     "fresh (the same command serves the first start and every restart)")
+            parser.add_argument("--resume_changes", type=Literal[RESUME_CHANGES_CHOICES], default="error",
+                                help="on resume, a result-changing key that differs from the checkpoint's "
+                                     "configuration is an error (error) or takes effect from the resume point and "
+                                     "is recorded in resumes.json (allow)")
+        return parser
+
+    def _instantiate_trainer(self, config: dict, callbacks: list[Callback]) -> Trainer:
+        # last.ckpt is kept current unless the run turned checkpointing off
+        extra = [] if config.get("enable_checkpointing") is False else durable_callbacks()
+        return super()._instantiate_trainer(config, [*callbacks, *extra])
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would replace the given model arguments by the checkpoint's; here they are compared instead
+        (``before_fit``), and a change is an error unless allowed."""
+
+    def _flat_config(self, subcommand: str) -> dict:
+        import yaml
+
+        from abkd_vision.resume import flatten
+
+        dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        return flatten(dumped.get(subcommand, dumped))
+
+    def before_fit(self) -> None:
+        from abkd_vision.durable import RUN_KEY, ResumeCheckpoint, last_checkpoint_dir
+        from abkd_vision.resume import (
+            ResumeError,
+            config_differences,
+            hparams_as_config,
+            load_checkpoint_meta,
+            pin_logger_version,
+            preserve_metrics,
+            record_resume,
+        )
+
+        trainer, config = self.trainer, self.config_init["fit"]
+        refuse_empty_plan(trainer)
+        durable = next((cb for cb in trainer.callbacks if isinstance(cb, ResumeCheckpoint)), None)
+        given = self._flat_config("fit")
+        if durable is not None:
+            durable.run_config = given
+        resume, allow = config.get("resume", "never"), config.get("resume_changes", "error") == "allow"
+        ckpt = config.get("ckpt_path")
+        if resume == "auto":
+            if ckpt:
+                raise ResumeError(f"give --resume auto or --ckpt_path ({ckpt}), not both")
+            pin_logger_version(trainer.logger)
+            folder = durable.dirpath if durable is not None and durable.dirpath else last_checkpoint_dir(trainer)
+            if folder is None:
+                raise ResumeError("--resume auto needs a run folder to look in: configure a logger "
+                                  "(trainer.logger) or a ModelCheckpoint dirpath")
+            if (folder / "last.ckpt").is_file():
+                ckpt = folder / "last.ckpt"
+                rank_zero_info(f"continuing from {ckpt}")
+            else:
+                rank_zero_info(f"no {folder / 'last.ckpt'} yet: starting a new run")
+        elif ckpt == "last":
+            folder = last_checkpoint_dir(trainer)
+            if folder is None or not (folder / "last.ckpt").is_file():
+                raise ResumeError(f"--ckpt_path last: no last.ckpt in {folder or 'the run (no run folder)'}; "
+                                  "--resume auto starts fresh when there is none")
+            ckpt = folder / "last.ckpt"
+        if not ckpt:
+            return
+        checkpoint = load_checkpoint_meta(ckpt)
+        run = checkpoint.get(RUN_KEY) or {}
+        saved = run.get("config")
+        if saved is None:  # a checkpoint written by other code: its model and data hyper-parameters
+            saved = hparams_as_config(checkpoint)
+            given = {k: v for k, v in given.items() if k.startswith(("model.", "data."))}
+        differences = config_differences(saved, given)
+        history = list(run.get("resumes") or [])
+        if differences and not allow:
+            shown = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in differences)
+            raise ResumeError(
+                f"resuming {ckpt} with a different configuration:\n{shown}\nrun the same command without these "
+                "changes to continue the run as it was, or add --resume_changes allow to apply them from the "
+                f"resume point (epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}; recorded in "
+                "resumes.json), or start a new run in another folder"
+            )
+        if differences:
+            entry = {"checkpoint": str(ckpt), "epoch": checkpoint.get("epoch"), "global_step":
+                     checkpoint.get("global_step"), "changes": {k: {"checkpoint": a, "now": b}
+                                                               for k, a, b in differences}}
+            history.append(entry)
+            log_dir = trainer.log_dir if trainer.logger is not None else None
+            if trainer.is_global_zero:
+                record_resume(Path(log_dir) if log_dir else None, entry)
+            rank_zero_info(f"resuming with changes (recorded in resumes.json): {entry['changes']}")
+        if durable is not None:
+            durable.resume_history, durable.apply_changes = history, bool(differences)
+        if trainer.is_global_zero:
+            preserve_metrics(trainer.logger, checkpoint)
+        del checkpoint
+        config["ckpt_path"] = str(ckpt)
+
+
+def refuse_empty_plan(trainer: Trainer) -> None:
+    """A fit that would take no optimiser step is an error before anything runs."""
+    if trainer.max_epochs == 0:
+        raise ValueError("trainer.max_epochs 0 trains nothing; give at least 1 (run.py validate or test evaluates "
+                         "without training)")
+    if trainer.max_steps == 0:
+        raise ValueError("trainer.max_steps 0 trains nothing; give at least 1, or -1 to train for max_epochs")
+    limit = trainer.limit_train_batches
+    if limit is not None and limit == 0:
+        raise ValueError("trainer.limit_train_batches 0 trains nothing; give a positive fraction or count")
+
+
+def durable_callbacks() -> list[Callback]:
+    """Added to every run that checkpoints (with ``ExactResume``, a default callback): ``last.ckpt`` kept
+    current."""
+    from abkd_vision.durable import ResumeCheckpoint
+
+    return [ResumeCheckpoint()]
+
 
 def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> DistillationCLI:
     return DistillationCLI(
@@ -134,7 +269,7 @@ def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = 
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
-        trainer_defaults={"callbacks": [RecordVersions()]},
+        trainer_defaults={"callbacks": [RecordVersions(), ExactResume(required=False)]},
         save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": exit_on_error},
@@ -152,8 +287,11 @@ def run(args: list[str] | None = None) -> int:
     """``run.py``: the CLI, with a bad input reported as one message printed last (exit code 2 for invalid
     arguments, 1 for errors found later). ``ABKD_DEBUG=1`` shows the full report and traceback instead."""
     from jsonargparse import ArgumentError
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from abkd_vision.durable import PREEMPTED_EXIT_CODE
     from abkd_vision.errors import looks_like_parser_report, summarize_parser_error
+    from abkd_vision.io import DiskFullError
     from abkd_vision.models import CheckpointError
 
     debug = bool(os.environ.get("ABKD_DEBUG"))
@@ -166,19 +304,44 @@ def run(args: list[str] | None = None) -> int:
         print(f"error: invalid arguments\n{text}\n(run.py fit --help lists the options; "
               "ABKD_DEBUG=1 shows the parser's full report)", file=sys.stderr)
         return 2
-    except (CheckpointError, *_USER_ERRORS) as err:
+    except SIGTERMException as err:  # a stop signal: last.ckpt and results.json are written
+        stop = getattr(err, "abkd_stop", None)
+        print(f"{stop or 'stopped by SIGTERM; run the same command with --resume auto to continue'}",
+              file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except (CheckpointError, DiskFullError, *_USER_ERRORS) as err:
         if debug:
             raise
         text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         if looks_like_parser_report(text):  # our check failed while the parser instantiated the classes
             text = summarize_parser_error(text)
-        elif isinstance(err, OSError) and err.filename and err.errno in (errno.ENOTDIR, errno.EACCES, errno.EROFS,
-                                                                         errno.EEXIST):
-            text = (f"cannot write to {err.filename} ({err.strerror}); choose a writable output folder, e.g. "
-                    "--trainer.logger.init_args.save_dir runs (checkpoints and results go below it)")
+        elif isinstance(err, OSError) and not isinstance(err, DiskFullError) and err.filename:
+            text = _os_error_text(err) or text
+        print(f"error: {text}\n(ABKD_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. a full disk inside a library, an unreadable input
+        if debug or not err.filename and err.errno != errno.ENOSPC:
+            raise
+        text = _os_error_text(err) or str(err)
         print(f"error: {text}\n(ABKD_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def _os_error_text(err: OSError) -> str | None:
+    """What an OSError means for the user: an input that cannot be read, an output folder that cannot be
+    written, a full disk."""
+    name = err.filename
+    if err.errno == errno.ENOSPC:
+        from abkd_vision.io import DiskFullError
+
+        return str(DiskFullError(name)) if name else f"no space left on device ({err})"
+    if err.errno == errno.EACCES and name and os.path.exists(name) and not os.access(name, os.R_OK):
+        return f"cannot read {name} ({err.strerror}); make it readable (chmod a+r) or point the config elsewhere"
+    if err.errno in (errno.ENOTDIR, errno.EACCES, errno.EROFS, errno.EEXIST):
+        return (f"cannot write to {name} ({err.strerror}); choose a writable output folder, e.g. "
+                "--trainer.logger.init_args.save_dir runs (checkpoints and results go below it)")
+    return None
 
 
 def _unparsable_configs(args: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""Training data that a run killed mid-epoch can resume exactly (opt-in with the ``ExactResume`` callback).
+"""Training data that a run killed mid-epoch can resume exactly (``ExactResume``, on by default in ``run.py``).
 
 Lightning restores the model, optimiser, schedulers and loop counters from ``last.ckpt``, but an ordinary
 shuffled DataLoader restarts its epoch with a new order and new random crops. Here both are functions of the run's
@@ -10,14 +10,16 @@ seed and the epoch only:
   every sample is the same whether the run was interrupted or not, in the main process or in workers (the
   sampler encodes ``e`` in the index it yields; the dataset decodes it).
 
-A resumed run then sees exactly the batches the uninterrupted run would have seen (single process; on CPU with
-``trainer.deterministic`` it ends with bit-identical weights).
+A resumed run then sees exactly the batches the uninterrupted run would have seen (on CPU with
+``trainer.deterministic`` it ends with bit-identical weights; under DDP every process takes its shard).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = ["EpochSampler", "ResumableLoader", "SeededViewStream", "SeededViews"]
 
@@ -59,19 +61,42 @@ class SeededViewStream:
         return {"views": "seeded-stream", "stream_seed": self.seed, "transform": self.transform}
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffled order per epoch from ``(seed, epoch)``; skips the batches already done when a run resumes."""
+class EpochSampler(DistributedSampler):
+    """Shuffled order per epoch from ``(seed, epoch)``; skips the batches already done when a run resumes.
+
+    Under DDP each process takes its share of the permutation exactly as Lightning's ``DistributedSampler`` would
+    (same seed rule ``seed + epoch``, padded by repeating the first samples to a multiple of the processes, then
+    every ``world_size``-th from the process's rank), so a resumed DDP run also continues mid-epoch. Being a
+    ``DistributedSampler``, Lightning does not wrap it in another one.
+    """
 
     def __init__(self, n: int, seed: int, batch_size: int, datamodule):
+        # No super().__init__: it needs a dataset and an initialised process group; the shard comes from the
+        # trainer when the epoch starts.
         self.n, self.seed, self.batch_size, self.datamodule = n, int(seed), int(batch_size), datamodule
+        self.epoch, self.shuffle, self.drop_last = 0, True, False
+
+    def _shard(self) -> tuple[int, int]:
+        trainer = self.datamodule.trainer
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
 
     def __len__(self) -> int:
-        return self.n
+        world, _ = self._shard()
+        return math.ceil(self.n / world)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it; the epoch is read from the trainer
+        self.epoch = epoch
 
     def __iter__(self):
         trainer = self.datamodule.trainer
         epoch = trainer.current_epoch if trainer is not None else 0
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        world, rank = self._shard()
+        if world > 1:
+            total = math.ceil(self.n / world) * world
+            order = (order + order[: total - self.n])[rank:total:world]
         skip = 0
         if trainer is not None and trainer.fit_loop.restarting:
             skip = trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.batch_size

@@ -15,7 +15,7 @@ from abkd_vision.io import atomic_write
 from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache
 
 __all__ = ["GuardedTraining", "NONFINITE_POLICIES", "NonFiniteGuard", "count_correct", "kd_warmup_scale",
-           "save_recovery_checkpoint", "write_results"]
+           "save_recovery_checkpoint", "training_progress", "write_results"]
 
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -275,18 +275,61 @@ def count_correct(module: LightningModule, loader, predict) -> tuple[int, int]:
     return int(correct), int(total)
 
 
-def write_results(module: LightningModule, summary: dict, name: str = "results.json") -> Path | None:
+def training_progress(trainer) -> dict:
+    """Epochs and optimiser steps done and planned, and whether the plan was carried out.
+
+    ``finished`` is True only when the trainer was not interrupted and ran its planned epochs (``max_epochs``) or
+    steps (``max_steps``), or a callback such as ``EarlyStopping`` ended it on purpose.
+    """
+    max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+    max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+    epochs, steps = int(trainer.current_epoch), int(trainer.global_step)
+    reached = (max_epochs is not None and epochs >= max_epochs) or (max_steps is not None and steps >= max_steps)
+    early = any(getattr(cb, "stopped_epoch", 0) > 0 for cb in trainer.callbacks
+                if type(cb).__name__ == "EarlyStopping" or hasattr(cb, "wait_count"))
+    try:
+        planned_steps = trainer.estimated_stepping_batches
+        planned_steps = int(planned_steps) if math.isfinite(planned_steps) else None
+    except Exception:  # noqa: BLE001 -- no training loader (e.g. a module used outside fit)
+        planned_steps = max_steps
+    return {"finished": bool(not trainer.interrupted and steps > 0 and (reached or early)),
+            "epochs_done": epochs, "epochs_planned": max_epochs, "steps_done": steps,
+            "steps_planned": planned_steps, **({"stopped_early": True} if early and not reached else {})}
+
+
+_PROGRESS_KEYS = ("finished", "epochs_done", "epochs_planned", "steps_done", "steps_planned", "stopped_early",
+                  "stopped_by")
+
+
+def write_results(module: LightningModule, summary: dict, name: str = "results.json",
+                  stopped_by: str | None = None) -> Path | None:
     """Write ``summary`` as JSON into the run directory (rank 0; atomically), or do nothing without a logger.
 
-    ``"finished"`` is added: True when the trainer ran to its end (not interrupted). Sweeps treat a run as done
-    only then.
+    :func:`training_progress` is added (``finished``, epochs and steps done and planned); sweeps treat a run as
+    done only when ``finished`` is true. ``stopped_by`` names the signal that stopped the run.
     """
     # trainer.log_dir is a collective under DDP: every rank asks, only rank 0 writes.
     trainer = module.trainer
-    summary = {"finished": not trainer.interrupted, **summary}
+    if trainer.state.fn == "fit":
+        progress = training_progress(trainer)
+    else:  # evaluation only (zero-shot, a test after fit): the training record of an earlier fit stays
+        progress = {"finished": not trainer.interrupted}
+        earlier = Path(trainer.log_dir) / name if trainer.logger is not None and trainer.log_dir else None
+        try:
+            old = json.loads(earlier.read_text()) if earlier is not None and earlier.is_file() else {}
+        except (OSError, ValueError):
+            old = {}
+        if "steps_done" in old:
+            progress = {k: old[k] for k in _PROGRESS_KEYS if k in old}
+            progress["finished"] = bool(old.get("finished")) and not trainer.interrupted
+    if stopped_by:
+        progress = {**progress, "finished": False, "stopped_by": stopped_by}
+    summary = {"finished": progress.pop("finished"), **summary, **progress}
     log_dir = trainer.log_dir if trainer.logger is not None else None
     if log_dir is None or not trainer.is_global_zero:
         return None
     path = atomic_write(Path(log_dir) / name, json.dumps(summary, indent=2) + "\n")
     rank_zero_info(f"results written to {path}: {summary}")
+    if not summary["finished"] and not stopped_by and not trainer.interrupted:
+        rank_zero_info(f"the run did not carry out its plan: {progress}")
     return path
