@@ -153,7 +153,13 @@ class DistillationCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list[Callback]) -> Trainer:
         # last.ckpt is kept current unless the run turned checkpointing off
-        extra = [] if config.get("enable_checkpointing") is False else durable_callbacks()
+        from abkd_vision.durable import ResumeCheckpoint
+
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        wanted = config.get("enable_checkpointing") is not False and not any(isinstance(c, ResumeCheckpoint)
+                                                                              for c in given)
+        extra = durable_callbacks() if wanted else []
         return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     def _parse_ckpt_path(self) -> None:

@@ -32,13 +32,12 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from abkd_vision.errors import PREEMPTED_EXIT_CODE
 from abkd_vision.io import DiskFullError, atomic_write_with
 
 __all__ = ["AtomicCheckpointIO", "PREEMPTED_EXIT_CODE", "RUN_KEY", "ResumeCheckpoint", "StopRequested",
            "last_checkpoint_dir"]
 
-# sysexits' EX_TEMPFAIL: "try again later". A sweep or an sbatch script continues such a run.
-PREEMPTED_EXIT_CODE = 75
 RUN_KEY = "abkd_run"  # the run's configuration and change history, inside every checkpoint
 _STOP_SIGNALS = ("SIGINT", "SIGUSR1")  # SIGTERM is Lightning's own (it sets the same flag)
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["CLASS_CHOICES", "looks_like_parser_report", "summarize_parser_error"]
+__all__ = ["CLASS_CHOICES", "PREEMPTED_EXIT_CODE", "looks_like_parser_report", "summarize_parser_error"]
+
+# Exit code of a run stopped by a signal after saving last.ckpt (sysexits' EX_TEMPFAIL: "try again later"); a sweep
+# or an sbatch script continues such a run with --resume auto.
+PREEMPTED_EXIT_CODE = 75
 
 
 def looks_like_parser_report(text: str) -> bool:

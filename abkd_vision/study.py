@@ -40,7 +40,7 @@ from pathlib import Path
 from abkd_vision.io import atomic_write, atomic_write_with
 from abkd_vision.sweep.grid import Run, SweepError, alpha_beta_overrides, split_extra
 from abkd_vision.sweep.runner import SweepOptions, build_command, run_sweep
-from abkd_vision.sweep.store import run_dir
+from abkd_vision.sweep.store import log_path, run_dir
 from abkd_vision.sweep.tables import format_mean_std, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,6 +293,15 @@ def _threads_per_run(n: int):
             os.environ["OMP_NUM_THREADS"] = before
 
 
+def _last_error_line(log: Path) -> str | None:
+    """The ``error: ...`` line run.py printed last, if any."""
+    try:
+        lines = [ln for ln in Path(log).read_text(errors="replace").splitlines() if ln.startswith("error: ")]
+    except OSError:
+        return None
+    return lines[-1].removeprefix("error: ") if lines else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _study(parser().parse_args(argv))
@@ -321,8 +330,12 @@ def _study(args: argparse.Namespace) -> int:
     t_opts = SweepOptions(out=out / "teacher", workers=1, extra=_common(args, data_root, args.teacher_epochs))
     with _threads_per_run(teacher_threads):
         t_result = run_sweep([t_run], t_opts)
-    if t_result.exit_code:
+    if t_result.interrupted:
         return t_result.exit_code
+    if t_result.exit_code:
+        log = log_path(t_opts.out, t_run.run_id)
+        reason = _last_error_line(log)
+        raise StudyError(f"the teacher run did not finish{': ' + reason if reason else ''}; its log: {log}")
     teacher_dir = run_dir(t_opts.out, t_run.run_id)
     teacher_ckpt = teacher_dir / "checkpoints" / "last.ckpt"
     t_row = t_result.rows[0]

@@ -96,5 +96,6 @@ def test_a_teacher_without_checkpoint_stops_the_study_naming_its_log(tmp_path, c
             "--teacher-epochs", "1"]
     assert study.main(args) == 2
     err = capsys.readouterr().err
-    assert "the teacher run finished without a checkpoint" in err and "teacher__resnet20__seed0.log" in err
+    assert "the teacher run did not finish" in err and "teacher__resnet20__seed0.log" in err
+    assert "batch_size 64 with drop_last leaves 0 batches from 6 training images" in err  # refused before training
     assert not (tmp_path / "study" / "students").exists()

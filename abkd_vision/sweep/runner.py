@@ -2,17 +2,26 @@
 
 Each run is an independent ``python run.py fit ...`` process (working directory: the folder holding run.py)
 writing into ``<out>/runs/<run_id>/version_0/``, its stdout + stderr into ``<out>/logs/<run_id>.log``. A run
-counts as done only when its ``results.json`` says ``"finished": true``; anything else is rerun from scratch
-next time (its folder is removed first, so it stays ``version_0``). Executors:
+counts as done only when its ``results.json`` says ``"finished": true`` (its planned epochs ran). Every run is
+started with ``--resume auto``: an unfinished run that has a ``last.ckpt`` continues from it exactly; one
+without is started afresh (its folder is removed first, so it stays ``version_0``).
+
+Stopping: SIGINT or SIGTERM to the sweep sends SIGTERM to its runs, which save ``last.ckpt`` at the end of their
+current step and exit with code 75 (recorded as ``preempted``; the next sweep continues them). Runs also get
+SIGTERM when the sweep process dies in any other way (SIGKILL included: Linux's parent-death signal), so no run
+is left behind. Executors:
 
 * ``local``: a pool of ``workers`` runs at a time on this machine (threads waiting on subprocesses), optionally
   one run per listed GPU (``gpus``, through ``CUDA_VISIBLE_DEVICES``);
-* ``submitit``: one SLURM array task per run (``submitit.AutoExecutor``), or submitit's ``LocalExecutor``;
+* ``submitit``: one SLURM array task per run (``submitit.AutoExecutor``), or submitit's ``LocalExecutor``; a job
+  that SLURM preempts or times out is requeued by submitit (:class:`RunCommand` is checkpointable: the run saves
+  ``last.ckpt`` first) and continues from it;
 * ``ray``: one Ray task per run (``ray`` is imported only then).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import shlex
@@ -29,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from abkd_vision.errors import PREEMPTED_EXIT_CODE
 from abkd_vision.sweep.grid import Run, SweepError
 from abkd_vision.sweep.store import (
     all_runs,
@@ -41,7 +51,7 @@ from abkd_vision.sweep.store import (
 )
 from abkd_vision.sweep.tables import collect_rows, headline, summary_line, write_outputs
 
-__all__ = ["EXECUTORS", "SweepOptions", "SweepResult", "build_command", "execute_run", "run_sweep"]
+__all__ = ["EXECUTORS", "RunCommand", "SweepOptions", "SweepResult", "build_command", "execute_run", "run_sweep"]
 
 REPO = Path(__file__).resolve().parents[2]
 EXECUTORS = ("local", "submitit", "ray")
@@ -74,10 +84,11 @@ class SweepResult:
     failed: list[str]  # run ids
     interrupted: bool = False
     paths: dict = field(default_factory=dict)
+    preempted: list[str] = field(default_factory=list)  # stopped by a signal, continue next time
 
     @property
     def exit_code(self) -> int:
-        return 130 if self.interrupted else 1 if self.failed else 0
+        return 130 if self.interrupted else 1 if self.failed else PREEMPTED_EXIT_CODE if self.preempted else 0
 
 
 @dataclass(frozen=True)
@@ -91,14 +102,28 @@ class _Job:
 # --- one run --------------------------------------------------------------------------------------------------
 
 def build_command(run: Run, opts: SweepOptions) -> list[str]:
-    """``python run.py fit --config ... --seed_everything N --key value ...`` into the run's own folder."""
-    return [opts.python, str(opts.run_script), "fit", *run.args(),
+    """``python run.py fit --config ... --seed_everything N --key value ... --resume auto`` into the run's own
+    folder (the same command starts the run and continues it)."""
+    return [opts.python, str(opts.run_script), "fit", *run.args(), "--resume", "auto",
             "--trainer.logger.init_args.save_dir", str(Path(opts.out).resolve() / "runs"),
             "--trainer.logger.init_args.name", run.run_id, "--trainer.logger.init_args.version", "0", *opts.extra]
 
 
 _LIVE: set[subprocess.Popen] = set()
 _LIVE_LOCK = threading.Lock()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    """Linux: the child gets SIGTERM when the thread that started it ends (the sweep process dies, even by
+    SIGKILL); a no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def execute_run(cmd: Sequence[str], log: str, cwd: str, env: dict | None = None) -> dict:
@@ -115,7 +140,8 @@ def execute_run(cmd: Sequence[str], log: str, cwd: str, env: dict | None = None)
         f.write(f"$ cd {shlex.quote(cwd)} && {shlex.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
-                                env={**os.environ, **CHILD_ENV, **(env or {})})
+                                env={**os.environ, **CHILD_ENV, **(env or {})},
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         with _LIVE_LOCK:
             _LIVE.add(proc)
         try:
@@ -126,14 +152,29 @@ def execute_run(cmd: Sequence[str], log: str, cwd: str, env: dict | None = None)
     return {"exit_code": code, "seconds": time.time() - start, "host": socket.gethostname()}
 
 
+class RunCommand:
+    """:func:`execute_run` as a submitit job that SLURM may preempt or time out: submitit then calls
+    :meth:`checkpoint`, which stops the run (SIGTERM: it saves ``last.ckpt``) and asks for the same command to be
+    requeued; being ``run.py fit ... --resume auto``, the requeued job continues from that checkpoint."""
+
+    def __call__(self, cmd: Sequence[str], log: str, cwd: str, env: dict | None = None) -> dict:
+        return execute_run(cmd, log, cwd, env)
+
+    def checkpoint(self, cmd, log, cwd, env=None):
+        import submitit
+
+        _stop_children(grace_seconds=60.0)
+        return submitit.helpers.DelayedSubmission(RunCommand(), cmd, log, cwd, env)
+
+
 def _stop_children(grace_seconds: float = 30.0) -> None:
-    """SIGINT to every run of this process (Lightning stops gracefully: results.json says not finished), then kill
-    what is left after ``grace_seconds``."""
+    """SIGTERM to every run of this process (each saves ``last.ckpt`` after its current step and exits with code
+    75), then kill what is left after ``grace_seconds``."""
     with _LIVE_LOCK:
         procs = list(_LIVE)
     for p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGINT)
+            p.send_signal(signal.SIGTERM)
     deadline = time.time() + grace_seconds
     for p in procs:
         try:
@@ -191,7 +232,7 @@ class _LocalBackend:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
         _stop_children()
-        return "runs in progress were stopped (their results say not finished)"
+        return "runs in progress were stopped (each saved its last.ckpt; the same command continues them)"
 
 
 class _SubmititBackend:
@@ -247,7 +288,7 @@ class _SubmititBackend:
     def run(self, jobs: Sequence[_Job], attached: Sequence = ()) -> Iterator[tuple[_Job, dict]]:
         handles = list(attached)
         if jobs:
-            submitted = self.executor.map_array(execute_run, [j.cmd for j in jobs], [j.log for j in jobs],
+            submitted = self.executor.map_array(RunCommand(), [j.cmd for j in jobs], [j.log for j in jobs],
                                                 [j.cwd for j in jobs], [None] * len(jobs))
             for job, handle in zip(jobs, submitted):
                 _mark_started(self.out, job, status="submitted", executor=self.name, job_id=handle.job_id,
@@ -368,7 +409,7 @@ def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], Non
     with _lock(opts.out):
         write_manifest(opts.out, runs)
         cwd = str(Path(opts.run_script).resolve().parent)
-        todo, attached, skipped = [], [], 0
+        todo, attached, skipped, continuing = [], [], 0, 0
         for run in runs:
             if finished_result(opts.out, run.run_id) is not None:
                 skipped += 1
@@ -378,12 +419,17 @@ def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], Non
             if handle is not None:
                 attached.append((job, handle))
                 continue
-            shutil.rmtree(opts.out / "runs" / run.run_id, ignore_errors=True)  # start clean, stay version_0
+            if (run_dir(opts.out, run.run_id) / "checkpoints" / "last.ckpt").is_file():
+                continuing += 1  # --resume auto continues it exactly
+            else:
+                shutil.rmtree(opts.out / "runs" / run.run_id, ignore_errors=True)  # start clean, stay version_0
             todo.append(job)
         more = f", {len(attached)} still running from an earlier sweep" if attached else ""
+        more += f", {continuing} of them continue from their last.ckpt" if continuing else ""
         echo(f"sweep {opts.out}: {len(runs)} runs, {skipped} already finished, {len(todo)} to run{more} "
              f"({backend.name} executor)")
-        failed, interrupted = [], False
+        failed, preempted, interrupted = [], [], False
+        previous_term = _term_as_interrupt()
         bar = tqdm(total=len(runs), initial=skipped, unit="run", dynamic_ncols=True, leave=False,
                    disable=not (todo or attached), file=sys.stderr)
         try:
@@ -392,11 +438,17 @@ def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], Non
                 code, seconds = outcome.get("exit_code"), outcome.get("seconds")
                 result = run_dir(opts.out, rid) / "results.json"
                 ok = code == 0 and finished_result(opts.out, rid) is not None
-                write_record(opts.out, rid, run=job.run.to_dict(), status="finished" if ok else "failed",
+                stopped = code == PREEMPTED_EXIT_CODE
+                status = "finished" if ok else "preempted" if stopped else "failed"
+                write_record(opts.out, rid, run=job.run.to_dict(), status=status,
                              exit_code=code, seconds=seconds, host=outcome.get("host"), log=job.log,
                              error=outcome.get("error"), command=list(job.cmd), cwd=job.cwd, ended=time.time())
                 if ok:
                     bar.write(f"done    {rid}  {headline(finished_result(opts.out, rid))}  ({_duration(seconds)})")
+                elif stopped:
+                    preempted.append(rid)
+                    bar.write(f"stopped {rid}  by a signal, last.ckpt saved: the next sweep continues it  "
+                              f"({_duration(seconds)})  log: {job.log}")
                 else:
                     failed.append(rid)
                     why = outcome.get("error") or (f"exit {code}" if code else
@@ -408,10 +460,27 @@ def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], Non
             bar.write(f"interrupted: {backend.stop()}")
         finally:
             bar.close()
+            _restore_term(previous_term)
         rows = collect_rows(opts.out, all_runs(opts.out, runs))
         paths = write_outputs(rows, opts.out)
     echo(summary_line(rows) + (" (interrupted: run the same command to resume)" if interrupted else ""))
     for rid in failed:
         echo(f"  failed: {rid}  log: {log_path(opts.out, rid)}")
     echo(f"outputs: {paths['csv']}  {paths['tables']}  {paths['plot']}")
-    return SweepResult(rows, failed, interrupted, paths)
+    return SweepResult(rows, failed, interrupted, paths, preempted)
+
+
+def _term_as_interrupt():
+    """SIGTERM to the sweep (a scheduler stopping it) stops it like Ctrl-C: its runs save and stop."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, on_term)
+
+
+def _restore_term(previous) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
