@@ -127,19 +127,26 @@ def load_checkpoint_meta(path: str | Path) -> dict:
         raise ResumeError(f"--ckpt_path {path}: no such file; --resume auto continues from the run's last.ckpt "
                           "when there is one")
     size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    is_zip = head == b"PK\x03\x04"  # torch.save's format since 1.6
+    advice = ("Resume from another checkpoint of the run (its best-epoch file, or a copy), or start afresh "
+              "without --ckpt_path")
+    if is_zip and not zipfile.is_zipfile(path):
+        raise ResumeError(f"cannot resume from {path} ({size:,} bytes): the file is truncated or corrupt (its zip "
+                          f"directory is missing: the write did not complete). {advice}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+            checkpoint = torch.load(path, map_location="cpu", mmap=is_zip, weights_only=False)
+    except PermissionError:
+        raise  # run.py says "cannot read <file>"
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError, KeyError,
+            AttributeError, ModuleNotFoundError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if isinstance(err, OSError) and not isinstance(err, EOFError) and err.errno is not None:
-            raise
-        kind = ("is truncated or corrupt" if "zip" in first.lower() or "central directory" in first.lower()
-                or isinstance(err, EOFError) else "is not a PyTorch checkpoint")
-        raise ResumeError(f"cannot resume from {path} ({size:,} bytes): the file {kind} ({first[:200]}). Resume "
-                          "from another checkpoint of the run (its best-epoch file, or a copy), or start afresh "
-                          "without --ckpt_path") from None
+        kind = "is truncated or corrupt" if is_zip or isinstance(err, EOFError) else "is not a PyTorch checkpoint"
+        raise ResumeError(f"cannot resume from {path} ({size:,} bytes): the file {kind} ({first[:200]}). "
+                          f"{advice}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
         keys = list(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ResumeError(f"{path} is not a Lightning training checkpoint (it has no training state; top-level "
@@ -186,7 +193,7 @@ def preserve_metrics(logger, checkpoint: dict) -> int | None:
     rows = list(csv.DictReader(io.StringIO(text)))
     header = next(csv.reader(io.StringIO(text)), [])
     if last_step is not None:
-        rows = [r for r in rows if not r.get("step") or float(r["step"]) < last_step]
+        rows = [r for r in rows if not r.get("step") or float(r["step"]) <= last_step]
     writer = logger.experiment  # creating it removes metrics.csv
     buffer = io.StringIO()
     out = csv.DictWriter(buffer, fieldnames=header)

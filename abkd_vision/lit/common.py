@@ -97,8 +97,11 @@ class NonFiniteGuard:
             detail = f": first in parameter {self._param_names[int(self._grad_index)]} (the loss was finite)"
         where = "" if step == module.global_step else f" (detected at step {module.global_step})"
         saved = save_recovery_checkpoint(module, step) if step == module.global_step else None
-        resume = (f" The weights from before this step are saved in {saved}: resume with --ckpt_path {saved}."
-                  if saved else " Resume from the run's last.ckpt (its weights predate the failure).")
+        fix = ("the same command with the lowered value (e.g. --model.init_args.lr ...) and --resume_changes allow "
+               "applies it from there")
+        resume = (f" The weights from before this step are saved in {saved}: resume with --ckpt_path {saved}; {fix}."
+                  if saved else f" Resume from the run's last.ckpt (its weights predate the failure): --resume auto; "
+                  f"{fix}.")
         raise FloatingPointError(
             f"{what} (epoch {module.current_epoch}){where}{detail}. Lower the learning rate or the loss weights, "
             "or check alpha/beta (negative alpha or beta diverges where a probability underflows)." + resume

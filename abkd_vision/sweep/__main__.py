@@ -15,9 +15,11 @@ examples:
   # the outputs again from the run folders, without running anything
   python -m abkd_vision.sweep --out runs/sweeps/b2n --report-only
 
-Running the same command again resumes: finished runs (results.json says "finished": true) are skipped,
-unfinished ones start again from scratch. Exit code: 0 all finished, 1 some run failed, 2 nothing started
-(invalid sweep), 130 interrupted.
+Running the same command again resumes: finished runs (results.json says "finished": true: their planned
+epochs ran) are skipped, unfinished ones continue exactly from their last.ckpt (or start afresh without one).
+Ctrl-C, SIGTERM or SIGKILL of the sweep stop its runs, which save last.ckpt first. Exit code: 0 all finished,
+1 some run failed, 2 nothing started (invalid sweep), 75 some run was stopped by a signal (run again to continue),
+130 interrupted.
 """
 
 from __future__ import annotations

@@ -129,6 +129,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 def execute_run(cmd: Sequence[str], log: str, cwd: str, env: dict | None = None) -> dict:
     """Run one command with its stdout + stderr in ``log``: ``{"exit_code", "seconds", "host"}``.
 
+    The log is appended to: the attempts of a run that was stopped and continued follow each other.
     A plain top-level function, so that every executor can pickle it. In a multi-task SLURM job (one run over
     several GPUs) every task runs the command; tasks other than the first log to ``<log>.rank<N>``.
     """
@@ -136,8 +137,9 @@ def execute_run(cmd: Sequence[str], log: str, cwd: str, env: dict | None = None)
     rank = int(os.environ.get("SLURM_PROCID") or os.environ.get("SUBMITIT_LOCAL_GLOBALID") or 0)
     log_file = Path(log if rank == 0 else f"{log}.rank{rank}")
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as f:
-        f.write(f"$ cd {shlex.quote(cwd)} && {shlex.join(cmd)}\n")
+    with open(log_file, "a") as f:  # a continued run's log follows the earlier attempts' logs
+        f.write(f"{'' if f.tell() == 0 else chr(10)}# {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                f"$ cd {shlex.quote(cwd)} && {shlex.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
                                 env={**os.environ, **CHILD_ENV, **(env or {})},
