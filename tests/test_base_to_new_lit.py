@@ -144,9 +144,12 @@ def test_distillation_learns_checkpoints_the_student_only_and_resumes(eurosat, t
     assert not any(k.startswith("teacher.") for k in state)
     assert {k.split(".")[1] for k in state} == {"visual", "projector"}
     assert all(k.endswith(".prompt") for k in state if ".visual." in k)
-    # resume from the checkpoint for one more epoch (strict loading of every student key)
+    # resume from the checkpoint for one more epoch (strict loading of every student key); a longer plan is a
+    # result-changing key, allowed explicitly and recorded
     resumed = cli_main(["fit", *args, "--trainer.max_epochs", "4", "--ckpt_path",
-                        str(run / "checkpoints" / "last.ckpt")]).model
+                        str(run / "checkpoints" / "last.ckpt"), "--resume_changes", "allow"]).model
+    assert json.loads((run / "resumes.json").read_text())[-1]["changes"] == {
+        "trainer.max_epochs": {"checkpoint": 3, "now": 4}}
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]  # the per-epoch record survives the resume
 
 

@@ -1,6 +1,8 @@
 """Fault injection on the real run.py and sweep processes: signals, kills, a full disk, bad checkpoints, resumes
 with changed keys, runs that would train nothing, file modes. Each interrupted run is compared with an
-uninterrupted run of the same config and seed (CPU, deterministic: bit-identical weights)."""
+uninterrupted run of the same config and seed (CPU, deterministic: bit-identical weights). The run is a
+distillation (AB head, KD warm-up over 2 epochs, an lr step at epoch 2), so the resumed state includes the
+optimiser, the schedule, the warm-up position and the best-epoch tracking."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import pytest
 import torch
 from helpers import tiny_image_folder
 
+from abkd_vision.models import create_model
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6  # per epoch: 24 images, batch 4
 EPOCHS = 3
@@ -27,6 +31,8 @@ EPOCHS = 3
 def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("faults")
     tiny_image_folder(root / "data", 24, 6)
+    torch.manual_seed(0)
+    torch.save(create_model("resnet8", num_classes=3).state_dict(), root / "teacher.pth")
     (root / "slow_callback.py").write_text(
         "import time\nfrom lightning.pytorch import Callback\n\n"
         "class SlowDown(Callback):\n"
@@ -43,8 +49,11 @@ def world(tmp_path_factory) -> dict:
             "callbacks": [{"class_path": "abkd_vision.durable.ResumeCheckpoint",
                            "init_args": {"every_n_train_steps": 2}}],
         },
-        "model": {"class_path": "abkd_vision.lit.ClassifierModule",
-                  "init_args": {"model": "resnet8", "lr": 0.05, "lr_milestones": [2]}},
+        "model": {"class_path": "abkd_vision.lit.DistillationModule", "init_args": {
+            "student": "resnet8", "teacher": "resnet8", "teacher_ckpt": str(root / "teacher.pth"), "kd_weight": 2.0,
+            "kd_warmup_epochs": 2, "lr": 0.05, "lr_milestones": [2],
+            "head": {"class_path": "abkd_vision.heads.KD", "init_args": {"temperature": 4.0, "divergence": {
+                "class_path": "abkd_vision.losses.AlphaBetaDivergence", "init_args": {"alpha": 0.8, "beta": 0.3}}}}}},
         "data": {"class_path": "abkd_vision.data.ImageFolderDataModule",
                  "init_args": {"root": str(root / "data"), "image_size": 16, "batch_size": 4, "num_workers": 0}},
     }
@@ -136,7 +145,7 @@ def test_sigterm_sigint_sigkill_then_resume_is_bit_identical(world):
     rows = {n: list(csv.DictReader((_folder(world, n) / "metrics.csv").open())) for n in ("full", name)}
     assert [(r["epoch"], r["step"]) for r in rows["full"]] == [(r["epoch"], r["step"]) for r in rows[name]]
     assert [r["val/acc1"] for r in rows["full"]] == [r["val/acc1"] for r in rows[name]]
-    assert [r["train/ce_step"] for r in rows["full"]] == [r["train/ce_step"] for r in rows[name]]
+    assert [r["train/kd_step"] for r in rows["full"]] == [r["train/kd_step"] for r in rows[name]]
 
 
 def test_files_honour_the_umask(world):
@@ -192,8 +201,7 @@ def test_bad_checkpoints_and_empty_plans_are_refused(world, tmp_path, capsys):
     from abkd_vision.cli import run
 
     base = ["fit", "--config", str(world["cfg"]), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
-    plain = tmp_path / "plain.pth"
-    torch.save(_weights(_folder(world, "full") / "checkpoints" / "last.ckpt"), plain)
+    plain = world["root"] / "teacher.pth"
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes((_folder(world, "full") / "checkpoints" / "last.ckpt").read_bytes()[:5000])
     junk = tmp_path / "notes.ckpt"
@@ -245,8 +253,9 @@ def test_sweep_killed_mid_run_leaves_no_child_and_continues_the_run(world, tmp_p
     out = tmp_path / "sweep"
     argv = [sys.executable, "-m", "abkd_vision.sweep", "--base", str(world["cfg"]), "--configs", str(run_file),
             "--seeds", "3", "--out", str(out)]
-    sweep = subprocess.Popen([*argv, "--extra=--trainer.callbacks+=slow_callback.SlowDown"], cwd=REPO, env=_env(world), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    sweep = subprocess.Popen([*argv, "--extra=--trainer.callbacks+=slow_callback.SlowDown"], cwd=REPO,
+                             env=_env(world), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
     folder = out / "runs" / "ce__tiny__seed3" / "version_0"
     deadline = time.time() + 120
     while time.time() < deadline and (_step(folder / "checkpoints" / "last.ckpt") or 0) < STEPS + 2:

@@ -275,7 +275,7 @@ def test_resume_skips_finished_reruns_unfinished_records_failures(tmp_path, fake
                                                          for s in ("bad", "noresult") for i in (1, 2))
     for r in failed:  # the log path is reported and holds the run's stdout and stderr
         log = Path(r["log"]).read_text()
-        assert "chatter" in log and "warnings on stderr" in log and log.startswith("$ cd ")
+        assert "chatter" in log and "warnings on stderr" in log and log.splitlines()[1].startswith("$ cd ")
     assert {r["exit_code"] for r in failed} == {"3", "0"}
     ok = next(r for r in rows if r["run_id"] == "kd__A__seed1")
     assert ok["best_top1"] == "71.0000" and ok["kind"] == "classification" and float(ok["seconds"]) > 0

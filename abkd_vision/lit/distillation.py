@@ -189,7 +189,7 @@ class DistillationModule(TeacherLogitCaching, ImageClassificationTask):
         claimed = self.teacher_metadata.get("accuracy") or self.teacher_metadata.get("best_acc")
         claim = f" (its checkpoint claims {float(claimed):.2f}%)" if claimed is not None else ""
         rank_zero_info(f"teacher {self.hparams.teacher}: validation top-1 {100 * acc:.2f}% on {total} images{claim}")
-        if self.logger is not None:
+        if self.logger is not None and self.trainer.ckpt_path is None:  # a resumed run has the row already
             self.logger.log_metrics({"teacher/val_acc1": acc}, step=0)
         return acc
 

@@ -187,7 +187,7 @@ class PromptDistillationModule(TeacherLogitCaching, BaseToNewTask):
         result["hm"] = harmonic_mean(result["base_acc"], result["new_acc"])
         rank_zero_info(f"teacher: base {100 * result['base_acc']:.2f}%, new {100 * result['new_acc']:.2f}%, "
                        f"HM {100 * result['hm']:.2f}%")
-        if self.logger is not None:
+        if self.logger is not None and self.trainer.ckpt_path is None:  # a resumed run has the row already
             self.logger.log_metrics({f"teacher/{k}": v for k, v in result.items()}, step=0)
         return result
 
