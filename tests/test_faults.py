@@ -300,3 +300,30 @@ def _processes_mentioning(text: str) -> list[int]:
         if text in cmdline and state != "Z" and int(entry.name) != os.getpid():
             found.append(int(entry.name))
     return found
+
+
+def test_epoch_sampler_shards_like_the_ddp_sampler_and_skips_per_process():
+    """Under DDP each process takes its share of epoch e's permutation exactly as torch's DistributedSampler with
+    Lightning's seed would, and a mid-epoch restart skips that process's completed batches."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    from abkd_vision.data.resumable import EpochSampler
+
+    n, seed, batch = 23, 7, 4
+    for world in (1, 2, 3):
+        for rank in range(world):
+            for epoch in (0, 5):
+                progress = SimpleNamespace(current=SimpleNamespace(completed=0))
+                trainer = SimpleNamespace(world_size=world, global_rank=rank, current_epoch=epoch, fit_loop=
+                                          SimpleNamespace(restarting=False, epoch_loop=SimpleNamespace(
+                                              batch_progress=progress)))
+                sampler = EpochSampler(n, seed, batch, SimpleNamespace(trainer=trainer))
+                reference = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+                reference.set_epoch(epoch)
+                expected = list(reference)
+                got = list(sampler)
+                assert [i - epoch * n for i in got] == expected and len(sampler) == len(expected)
+                trainer.fit_loop.restarting, progress.current.completed = True, 2
+                assert [i - epoch * n for i in sampler] == expected[2 * batch:]
