@@ -101,6 +101,24 @@ def resumable_loader(datamodule, dataset: Dataset, batch_size: int, drop_last: b
                            persistent_workers=num_workers > 0)
 
 
+def check_train_batches(n: int, batch_size: int, drop_last: bool, world_size: int = 1) -> None:
+    """An error before training when the training set gives no batch (``n`` images, per process ``n / world_size``
+    rounded up, the sampler's rule)."""
+    if n == 0:
+        raise ValueError("the training set has no image; check data.init_args.root and the train split")
+    per_process = -(-n // max(1, world_size))
+    if drop_last and per_process < batch_size:
+        where = (f"{per_process} training images per process ({n} over {world_size} processes)" if world_size > 1
+                 else f"{n} training images")
+        raise ValueError(f"batch_size {batch_size} with drop_last leaves 0 batches from {where}; use batch_size "
+                         f"<= {per_process} or drop_last false")
+
+
+def _world_size(datamodule) -> int:
+    trainer = getattr(datamodule, "trainer", None)
+    return int(trainer.world_size) if trainer is not None else 1
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Base of the image-classification DataModules.
 
@@ -130,6 +148,8 @@ class ClassificationDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("call setup() before requesting a dataloader")
         hp = self.hparams
+        if train:
+            check_train_batches(len(dataset), hp.batch_size, hp.drop_last, _world_size(self))
         if train and self.exact_resume:
             return resumable_loader(self, dataset, hp.batch_size, hp.drop_last, hp.num_workers, hp.pin_memory)
         return make_dataloader(

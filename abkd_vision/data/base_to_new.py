@@ -13,7 +13,9 @@ Loaders (images ``float32 [B, 3, S, S]``, labels ``int64 [B]``):
   the whole val split, where Dassl's few-shot runs keep min(shots, 4) val images per class), labels relabelled
   within each group. Under DDP they use a sampler without padding (every image counts once).
 
-``setup`` lists the images and checks that every file a split lists exists (one directory read per folder).
+``setup`` lists the images and checks that every file a split lists exists (one directory read per folder), then
+checks the files it uses once (``check_images``, :mod:`abkd_vision.data.checks`, cached): bad files are an error
+naming them, or with ``on_bad_image="skip"`` are dropped and listed in ``bad_images``.
 With ``seed=None`` the few-shot draw uses ``torch.initial_seed()``: under DDP call ``seed_everything`` (the CLI's
 ``--seed_everything``) so that every rank draws the same images.
 
@@ -38,7 +40,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from abkd_vision.data.base import make_dataloader, resolve_num_workers, resumable_loader
+from abkd_vision.data.base import (
+    _world_size,
+    check_train_batches,
+    make_dataloader,
+    resolve_num_workers,
+    resumable_loader,
+)
+from abkd_vision.data.checks import (
+    check_options,
+    decode_error,
+    empty_classes_error,
+    screen_images,
+    write_bad_images,
+)
 from abkd_vision.data.coop import BASE_TO_NEW_DATASETS, COOP_DATA_HELP, missing_images, read_coop_dataset
 from abkd_vision.data.resumable import SeededViewStream
 from abkd_vision.data.transforms import ToRGB
@@ -108,21 +123,27 @@ def clip_eval_transform(image_size: int = 224) -> T.Compose:
 
 
 class ImageList(Dataset):
-    """``(transform(image), label)`` for a list of ``(path, label)``; ``relabel`` maps dataset labels."""
+    """``(transform(image), label)`` for a list of ``(path, label)``; ``relabel`` maps dataset labels. An image that
+    fails to load raises ImageDecodeError naming the file, the index and ``where`` (e.g. "the train split of ...")."""
 
-    def __init__(self, items: list[tuple[str, int]], transform: Callable, relabel: dict[int, int] | None = None):
+    def __init__(self, items: list[tuple[str, int]], transform: Callable, relabel: dict[int, int] | None = None,
+                 where: str = "an image list"):
         self.items = items
         self.transform = transform
         self.relabel = relabel
+        self.where = where
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
         path, label = self.items[index]
-        with Image.open(path) as img:
-            image = self.transform(img.convert("RGB"))
-        return image, self.relabel[label] if self.relabel is not None else label
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+        except Exception as err:
+            raise decode_error(path, index, self.where, err) from err
+        return self.transform(rgb), self.relabel[label] if self.relabel is not None else label
 
 
 class BaseToNewDataModule(L.LightningDataModule):
@@ -140,6 +161,13 @@ class BaseToNewDataModule(L.LightningDataModule):
             one per CPU core free for this process, at most 8).
         crop_scale: area range of the training RandomResizedCrop (Dassl's default (0.08, 1)).
         train_transform, eval_transform: replacements for the CLIP transforms (PIL image -> tensor).
+        check_images: up-front check, in ``setup``, of the image files the stage uses (the drawn few-shot
+            training images, the eval split): "header" (default: size, header, JPEG/PNG end marker), "full" (also
+            decodes every image) or "off"; cached per file list (see :mod:`abkd_vision.data.checks`).
+        on_bad_image: "raise" (default: one ValueError naming the bad files) or "skip" (leave them out; they are
+            listed in ``bad_images``, ``[{"path", "problem", "split"}, ...]``, and written to the run folder's
+            ``bad_images.json`` when a trainer with a logger is attached). Skipping a drawn few-shot image leaves
+            its class with fewer shots (no other image is drawn); a class left without images is an error.
 
     ``class_names`` (cleaned, label order), ``base_class_names``, ``new_class_names`` and the counts are read at
     construction from the class list (no image is listed or opened), so the CLI can link them.
@@ -149,7 +177,8 @@ class BaseToNewDataModule(L.LightningDataModule):
                  seed: int | None = None, eval_split: str = "test", image_size: int = 224, batch_size: int = 8,
                  eval_batch_size: int = 100, num_workers: int | None = None, pin_memory: bool = True,
                  drop_last: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 train_transform: Callable | None = None, eval_transform: Callable | None = None):
+                 train_transform: Callable | None = None, eval_transform: Callable | None = None,
+                 check_images: str = "header", on_bad_image: str = "raise"):
         super().__init__()
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
         if train_classes not in TRAIN_CLASSES:
@@ -162,6 +191,7 @@ class BaseToNewDataModule(L.LightningDataModule):
             raise ValueError(f"need positive image_size and batch sizes, got {image_size=}, {batch_size=}, "
                              f"{eval_batch_size=}")
         resolve_num_workers(num_workers)
+        check_options(check_images, on_bad_image)
         self.dataset_name, self.root = dataset, root
         self.train_classes, self.eval_split = train_classes, eval_split
         info = read_coop_dataset(root, dataset, list_images=False)
@@ -179,6 +209,8 @@ class BaseToNewDataModule(L.LightningDataModule):
         # Set by PromptDistillationModule(teacher_logit_cache=...): the same seeded stream, and batches
         # (images, target, index, epoch) that name each sample's view for the teacher-logit cache.
         self.return_views = False
+        # Files left out by on_bad_image="skip": [{"path", "problem", "split"}, ...].
+        self.bad_images: list[dict] = []
 
     # -- classes ---------------------------------------------------------------------------------------------------
     @property
@@ -203,8 +235,9 @@ class BaseToNewDataModule(L.LightningDataModule):
 
     # -- images ----------------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """List the images of the splits ``stage`` needs (fit: train + eval split; otherwise the eval split) and
-        check that every listed image file exists (FileNotFoundError naming the missing paths)."""
+        """List the images of the splits ``stage`` needs (fit: train + eval split; otherwise the eval split), check
+        that every listed image file exists (FileNotFoundError naming the missing paths), then check the files used
+        (``check_images``; bad ones raise or, with ``on_bad_image="skip"``, are dropped)."""
         need_train = stage in (None, "fit")
         if self.eval_sets is not None and (self.train_set is not None or not need_train):
             return
@@ -233,15 +266,41 @@ class BaseToNewDataModule(L.LightningDataModule):
             if self.hparams.shots is not None:
                 seed = self.hparams.seed if self.hparams.seed is not None else torch.initial_seed()
                 items = few_shot(items, self.hparams.shots, int(seed) % 2**32)
-            self.train_set = ImageList(items, self.train_transform)
+            items = self._check_items("train", items)
+            self.train_set = ImageList(items, self.train_transform, where=self._where("train"))
             log.info("%s: %d training images (%s classes, shots=%s)", self.dataset_name, len(items),
                      self.train_classes, self.hparams.shots)
+        eval_items = self._check_items(self.eval_split, splits[self.eval_split])
         groups = []
-        for labels in (self.base_labels, self.new_labels):
+        for group, labels in (("base", self.base_labels), ("new", self.new_labels)):
             relabel = {label: i for i, label in enumerate(labels)}
-            groups.append(ImageList([it for it in splits[self.eval_split] if it[1] in relabel], self.eval_transform,
-                                    relabel))
+            groups.append(ImageList([it for it in eval_items if it[1] in relabel], self.eval_transform, relabel,
+                                    where=f"the {group} classes of {self._where(self.eval_split)}"))
         self.eval_sets = groups
+
+    def _where(self, split: str) -> str:
+        return f"the {split} split of {type(self).__name__} {self.dataset_name} at {os.path.abspath(self.root)}"
+
+    def _check_items(self, split: str, items: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """``items`` without the bad files (``check_images``/``on_bad_image``); records them in ``bad_images``."""
+        hp = self.hparams
+        if hp.check_images == "off":
+            return items
+        where = self._where(split)
+        bad = screen_images([p for p, _ in items], split=split, where=where, level=hp.check_images,
+                            on_bad=hp.on_bad_image, trainer=self.trainer)
+        seen = {(b["split"], b["path"]) for b in self.bad_images}
+        self.bad_images += [b for b in bad if (b["split"], b["path"]) not in seen]
+        if hp.on_bad_image == "skip":
+            write_bad_images(self.trainer, self.bad_images)  # on every rank: trainer.log_dir is a collective
+        if not bad:
+            return items
+        drop = {b["path"] for b in bad}
+        kept = [it for it in items if it[0] not in drop]
+        lost = sorted({label for _, label in items} - {label for _, label in kept})
+        if lost:
+            raise empty_classes_error([self.class_names[i] for i in lost], where, len(bad))
+        return kept
 
     # -- the seeded view stream (exact resume, teacher-logit cache) -------------------------------------------------
     def teacher_views(self) -> SeededViewStream | None:
@@ -269,6 +328,8 @@ class BaseToNewDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("call setup() before requesting a dataloader")
         hp = self.hparams
+        if train:
+            check_train_batches(len(dataset), hp.batch_size, hp.drop_last, _world_size(self))
         if train and (self.exact_resume or self.return_views):
             return resumable_loader(self, dataset, hp.batch_size, hp.drop_last, hp.num_workers, hp.pin_memory,
                                     with_ids=self.return_views)

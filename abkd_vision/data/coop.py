@@ -15,6 +15,9 @@ relative to ``<root>/<dataset folder>/``:
 Class names are cleaned as CoOp's prompt learners see them: underscores become spaces, and EuroSAT's folder names
 become CoOp's descriptive names ("AnnualCrop" -> "Annual Crop Land"; names already descriptive are kept).
 
+Class names must be unique after cleaning (they are the classes' prompts): duplicates are a ValueError naming the
+file, the names and their lines (or labels).
+
 Only the class list is read by ``read_coop_dataset(..., list_images=False)``: no image folder is listed, so it is
 cheap even for ImageNet. ``missing_images`` checks a list of paths with one directory listing per folder.
 """
@@ -122,10 +125,31 @@ def dataset_dir(root: str | os.PathLike, name: str) -> Path:
     return path
 
 
-def _read_lines(path: Path, what: str) -> list[str]:
+def _numbered_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """``(1-based line number, stripped line)`` of the non-blank lines of ``path``."""
     if not path.is_file():
         raise _missing(what, path)
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+    return [(n, line.strip()) for n, line in lines if line.strip()]
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    return [line for _, line in _numbered_lines(path, what)]
+
+
+def _check_unique(names: list[str], path: Path, kind: str, numbers: list[int]) -> None:
+    """ValueError listing the class names that occur more than once; ``names[i]`` is at ``kind`` ("line" or
+    "label") ``numbers[i]`` of ``path``."""
+    seen: dict[str, list[int]] = {}
+    for name, number in zip(names, numbers):
+        seen.setdefault(name, []).append(number)
+    dups = [(name, at) for name, at in seen.items() if len(at) > 1]
+    if not dups:
+        return
+    shown = ", ".join(f"{name!r} ({kind}s {', '.join(map(str, at[:-1]))} and {at[-1]})" for name, at in dups[:10])
+    more = f", ... ({len(dups)} names in all)" if len(dups) > 10 else ""
+    raise ValueError(f"duplicate class names in {path}: {shown}{more}; class names must be unique because they are "
+                     "the classes' prompts/labels; rename one of each")
 
 
 def _list_files(directory: Path) -> list[str]:
@@ -175,11 +199,14 @@ def _json_classes(name: str, split: dict, path: Path) -> list[str]:
     if absent or min(names) < 0:
         raise ValueError(f"{path}: labels must be 0..n-1 with every label present; labels found: {min(names)}.."
                          f"{max(names)}, absent: {absent[:10]}{' ...' if len(absent) > 10 else ''}")
-    return [clean_coop_name(name, names[i]) for i in range(len(names))]
+    cleaned = [clean_coop_name(name, names[i]) for i in range(len(names))]
+    _check_unique(cleaned, path, "label", list(range(len(cleaned))))
+    return cleaned
 
 
 def _read_imagenet(base: Path, image_dir: Path, list_images: bool) -> CoOpDataset:
-    rows = [line.split(maxsplit=1) for line in _read_lines(base / "classnames.txt", "ImageNet classnames.txt")]
+    numbered = _numbered_lines(base / "classnames.txt", "ImageNet classnames.txt")
+    rows = [line.split(maxsplit=1) for _, line in numbered]
     wnids = [r[0] for r in rows]
     if len(set(wnids)) != len(wnids):
         dup = next(w for w in wnids if wnids.count(w) > 1)
@@ -189,6 +216,7 @@ def _read_imagenet(base: Path, image_dir: Path, list_images: bool) -> CoOpDatase
                       "labels ImageNet classes by sorted folder name, so the base/new classes differ from CoOp's",
                       stacklevel=3)
     data = CoOpDataset("ImageNet", base, [clean_coop_name("ImageNet", r[1] if len(r) > 1 else r[0]) for r in rows])
+    _check_unique(data.class_names, base / "classnames.txt", "line", [n for n, _ in numbered])
     if not list_images:
         return data
     data.splits = {}
@@ -213,8 +241,10 @@ def _read_imagenet(base: Path, image_dir: Path, list_images: bool) -> CoOpDatase
 
 
 def _read_aircraft(base: Path, image_dir: Path, list_images: bool) -> CoOpDataset:
-    classes = _read_lines(base / "variants.txt", "FGVCAircraft variants.txt")
+    numbered = _numbered_lines(base / "variants.txt", "FGVCAircraft variants.txt")
+    classes = [line for _, line in numbered]
     data = CoOpDataset("FGVCAircraft", base, [clean_coop_name("FGVCAircraft", c) for c in classes])
+    _check_unique(data.class_names, base / "variants.txt", "line", [n for n, _ in numbered])
     if not list_images:
         return data
     index = {c: i for i, c in enumerate(classes)}

@@ -14,6 +14,9 @@ Hidden folders (name starting with ".") are ignored.
 
 Batches: images ``float32 [B, 3, image_size, image_size]`` (grayscale/palette/RGBA images are converted to
 RGB; every image is resized to ``image_size`` x ``image_size``), labels ``int64 [B]`` in ``0..num_classes-1``.
+
+``setup`` checks the image files of the splits its stage uses once (:mod:`abkd_vision.data.checks`, cached): bad
+files are an error naming them, or with ``on_bad_image="skip"`` are dropped and listed in ``bad_images``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from abkd_vision.data.base import ClassificationDataModule, resolve_num_workers
+from abkd_vision.data.checks import (
+    check_options,
+    decode_error,
+    empty_classes_error,
+    screen_images,
+    write_bad_images,
+)
 from abkd_vision.data.transforms import (
     CIFAR100_MEAN,
     CIFAR100_STD,
@@ -63,7 +73,25 @@ def _has_image(directory: str | os.PathLike) -> bool:
 
 
 class _ImageFolder(ImageFolder):
-    """ImageFolder whose class list skips hidden folders (e.g. ``.ipynb_checkpoints``), like ``list_classes``."""
+    """ImageFolder whose class list skips hidden folders (e.g. ``.ipynb_checkpoints``), like ``list_classes``, and
+    whose image loading errors name the file, the sample index and ``where`` (e.g. "the train split of ...")."""
+
+    def __init__(self, root: str, transform: Callable | None = None, where: str = "") -> None:
+        super().__init__(root, transform=transform)
+        self.where = where or f"the image folder {root}"
+
+    def __getitem__(self, index: int):
+        """``(transform(image), label)`` of sample ``index``; ImageDecodeError if its image does not load."""
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+        except Exception as err:
+            raise decode_error(path, index, self.where, err) from err
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         classes = list_classes(directory)
@@ -103,11 +131,20 @@ class ImageFolderDataModule(ClassificationDataModule):
         padding, hflip: random-crop padding and horizontal flipping of the default training transform.
         train_per_class: train on only the first N images (sorted file order) of each class: a fixed,
             class-balanced subset for data-limited experiments. None = all images.
+        check_images: up-front check, in ``setup``, of the image files the stage uses (with train_per_class only
+            the subset): "header" (default: size, header, JPEG/PNG end marker), "full" (also decodes every image)
+            or "off". The result is cached per file list (see :mod:`abkd_vision.data.checks`).
+        on_bad_image: "raise" (default: one ValueError naming the bad files) or "skip" (train without them; they
+            are listed in ``bad_images``, ``[{"path", "problem", "split"}, ...]``, and written to the run folder's
+            ``bad_images.json`` when a trainer with a logger is attached).
 
     Raises:
         FileNotFoundError: ``root`` or its ``train``/``test`` folder is missing, a split has no class
             folder, or a class folder holds no image.
-        ValueError: the splits do not have the same class folders.
+        ValueError: the splits do not have the same class folders; unknown ``check_images``/``on_bad_image``;
+            (in ``setup``) bad image files with ``on_bad_image="raise"``, or a class left without images by
+            skipping them.
+        ImageDecodeError: (while loading) an image fails to decode; names the file, the split and the index.
     """
 
     def __init__(
@@ -126,6 +163,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         padding: int = 4,
         hflip: bool = True,
         train_per_class: int | None = None,
+        check_images: str = "header",
+        on_bad_image: str = "raise",
     ) -> None:
         super().__init__()
         # Transform objects are not plain hyper-parameters (not serialisable to hparams.yaml).
@@ -133,6 +172,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         if batch_size <= 0 or eval_batch_size <= 0:
             raise ValueError(f"batch sizes must be positive, got {batch_size=} {eval_batch_size=}")
         resolve_num_workers(num_workers)  # checks it
+        check_options(check_images, on_bad_image)
         self.root = Path(root).expanduser().resolve()
         self.split_dirs = self._check_layout()
         self.class_names: list[str] = list_classes(self.split_dirs["train"])
@@ -146,6 +186,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.train_set: ImageFolder | None = None
         self.val_set: ImageFolder | None = None
         self.test_set: ImageFolder | None = None
+        # Files left out by on_bad_image="skip": [{"path", "problem", "split"}, ...].
+        self.bad_images: list[dict] = []
+        self._checked: set[str] = set()  # split folders already checked
 
     @property
     def num_classes(self) -> int:
@@ -183,27 +226,71 @@ class ImageFolderDataModule(ClassificationDataModule):
                 )
         return dirs
 
+    def _folder(self, split: str, transform: Callable) -> _ImageFolder:
+        where = f"the {split} split of {type(self).__name__} at {self.root}"
+        return _ImageFolder(str(self.split_dirs[split]), transform=transform, where=where)
+
     def setup(self, stage: str | None = None) -> None:
-        """Index the image files of the splits needed for ``stage`` (fit/validate/test/predict; None = all)."""
-        if stage in (None, "fit") and self.train_set is None:
-            self.train_set = _ImageFolder(str(self.split_dirs["train"]), transform=self.train_transform)
+        """Index the image files of the splits needed for ``stage`` (fit/validate/test/predict; None = all) and
+        check those files once (``check_images``; bad ones raise or, with ``on_bad_image="skip"``, are dropped)."""
+        new_train = stage in (None, "fit") and self.train_set is None
+        if new_train:
+            self.train_set = self._folder("train", self.train_transform)
             if self.hparams.train_per_class is not None:
                 self.train_set = _first_per_class(self.train_set, self.hparams.train_per_class)
-            n, bs = len(self.train_set), self.hparams.batch_size
-            if self.hparams.drop_last and n < bs:
-                log.warning("train split has %d images < batch_size=%d with drop_last: no training batch", n, bs)
         if self.test_set is None:
-            self.test_set = _ImageFolder(str(self.split_dirs["test"]), transform=self.eval_transform)
+            self.test_set = self._folder("test", self.eval_transform)
         if self.val_set is None:
             same = self.split_dirs["val"] == self.split_dirs["test"]
-            self.val_set = (
-                self.test_set if same else _ImageFolder(str(self.split_dirs["val"]), transform=self.eval_transform)
-            )
+            self.val_set = self.test_set if same else self._folder("val", self.eval_transform)
         for ds in (self.train_set, self.val_set, self.test_set):
             ds = ds.dataset if isinstance(ds, Subset) else ds
             # The folders could have changed between __init__ and setup; labels must keep their meaning.
             if ds is not None and ds.classes != self.class_names:
                 raise ValueError(f"class folders of {ds.root} changed since __init__; {LAYOUT_HELP}")
+        used = {None: ("train", "val", "test"), "fit": ("train", "val"), "validate": ("val",)}.get(stage, ("test",))
+        datasets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        for split in used:
+            if datasets[split] is not None:
+                self._check_split(datasets[split])
+        if new_train:
+            n, bs = len(self.train_set), self.hparams.batch_size
+            if self.hparams.drop_last and n < bs:
+                log.warning("train split has %d images < batch_size=%d with drop_last: no training batch", n, bs)
+
+    def _check_split(self, dataset: ImageFolder | Subset) -> None:
+        """Check the files ``dataset`` reads (once per split folder; ``val`` may be the test folder); drop the bad
+        ones in place when skipping."""
+        hp = self.hparams
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        folder = str(base.root)
+        if hp.check_images == "off" or folder in self._checked:
+            return
+        name = os.path.basename(folder)  # the split folder: train, val or test
+        where = f"the {name} split of {type(self).__name__} at {self.root}"
+        indices = list(dataset.indices) if isinstance(dataset, Subset) else range(len(base.samples))
+        bad = screen_images([base.samples[i][0] for i in indices], split=name, where=where,
+                            level=hp.check_images, on_bad=hp.on_bad_image, trainer=self.trainer)
+        self._checked.add(folder)
+        self.bad_images += bad
+        if hp.on_bad_image == "skip":
+            write_bad_images(self.trainer, self.bad_images)  # on every rank: trainer.log_dir is a collective
+        if not bad:
+            return
+        drop = {b["path"] for b in bad}
+        before = {base.targets[i] for i in indices}
+        keep = [i for i, (path, _) in enumerate(base.samples) if path not in drop]
+        new_index = {old: new for new, old in enumerate(keep)}
+        base.samples = [base.samples[i] for i in keep]
+        base.imgs = base.samples
+        base.targets = [label for _, label in base.samples]
+        if isinstance(dataset, Subset):
+            dataset.indices = [new_index[i] for i in dataset.indices if i in new_index]
+            after = {base.targets[i] for i in dataset.indices}
+        else:
+            after = set(base.targets)
+        if before - after:
+            raise empty_classes_error([base.classes[c] for c in sorted(before - after)], where, len(bad))
 
     def view_dataset_key(self) -> dict:
         """What identifies the training images and their order (part of a teacher-logit cache key): the root,
