@@ -21,7 +21,7 @@ from typing import Literal
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 # Imported so that configs can name classes by their short names and the models are registered.
 import abkd_vision.data  # noqa: F401
@@ -237,12 +237,12 @@ class DistillationCLI(LightningCLI):
                                                                for k, a, b in differences}}
             history.append(entry)
             log_dir = trainer.log_dir if trainer.logger is not None else None
-            if trainer.is_global_zero:
+            if rank_zero_only.rank == 0:  # before the strategy is set up, the launcher's environment says the rank
                 record_resume(Path(log_dir) if log_dir else None, entry)
             rank_zero_info(f"resuming with changes (recorded in resumes.json): {entry['changes']}")
         if durable is not None:
             durable.resume_history, durable.apply_changes = history, bool(differences)
-        if trainer.is_global_zero:
+        if rank_zero_only.rank == 0:
             preserve_metrics(trainer.logger, checkpoint)
         del checkpoint
         config["ckpt_path"] = str(ckpt)
