@@ -171,7 +171,12 @@ class DistillationCLI(LightningCLI):
 
         from abkd_vision.resume import flatten
 
-        dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        try:
+            dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        except Exception as err:  # noqa: BLE001 -- an object the parser cannot dump: compare hyper-parameters only
+            rank_zero_info(f"the configuration could not be recorded in the checkpoints ({err}); a resume compares "
+                           "the model and data hyper-parameters only")
+            return {}
         return flatten(dumped.get(subcommand, dumped))
 
     def before_fit(self) -> None:
@@ -217,10 +222,13 @@ class DistillationCLI(LightningCLI):
             return
         checkpoint = load_checkpoint_meta(ckpt)
         run = checkpoint.get(RUN_KEY) or {}
-        saved = run.get("config")
-        if saved is None:  # a checkpoint written by other code: its model and data hyper-parameters
+        saved = run.get("config") or None
+        if saved is None or not given:  # written by other code, or not recordable: model and data hyper-parameters
             saved = hparams_as_config(checkpoint)
-            given = {k: v for k, v in given.items() if k.startswith(("model.", "data."))}
+            given = ({k: v for k, v in given.items() if k.startswith(("model.", "data."))} if given else
+                     hparams_as_config({"hyper_parameters": dict(self.model.hparams_initial),
+                                        "datamodule_hyper_parameters": dict(getattr(self.datamodule, "hparams_initial",
+                                                                                    {}) or {})}))
         differences = config_differences(saved, given)
         history = list(run.get("resumes") or [])
         if differences and not allow:
