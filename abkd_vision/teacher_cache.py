@@ -8,12 +8,17 @@ loaded whole: CIFAR-100 in float16 is 50,000 x 162 x 100 x 2 bytes = 1.6 GB)::
     <directory>/header.json   # the key (below) and the array shapes; written last when the cache is created
     <directory>/logits.bin    # float16 (or float32) [N, V, C], C-order
     <directory>/filled.bin    # uint8 [N, V]: 1 = the row is written
-    <directory>/.lock         # fcntl.flock while the files are created
+    <directory>/.lock         # fcntl.flock while the files are created (or rebuilt)
+    <directory>/.users        # fcntl.flock, shared by every open handle (a rebuild needs none)
 
 The key is the teacher checkpoint's SHA-256 (of the file; of the weights when there is no file), the teacher's
 name and class count, the dataset (name, split, number of images, and for image folders a hash of the file
 list) and the augmentation's parameters (image size, padding, flip, mean/std), and the storage dtype. The
 folder name is derived from it (:func:`cache_dirname`), and the header is compared with it on every open.
+
+A corrupt cache (a header that is empty, truncated or not JSON; arrays of another size than the header says) is
+rebuilt empty, with a warning naming the file, when the folder is this key's and no other handle has it open;
+otherwise opening it raises :class:`CacheCorrupt`, which names the file and says to delete the folder.
 
 Filling is lazy (:class:`abkd_vision.lit.distillation.FrozenTeacher` computes the teacher only for the views
 not cached yet) or done up front (:func:`fill_cache`, ``scripts/fill_teacher_cache.py``). A row is written and
@@ -28,8 +33,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from abkd_vision.data.transforms import CropFlipViews, _with_transform
 
 __all__ = [
+    "CacheCorrupt",
     "CacheMismatch",
     "TeacherLogitCache",
     "cache_dirname",
@@ -55,10 +63,15 @@ __all__ = [
 
 KEY_VERSION = 1
 DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32)}
+log = logging.getLogger(__name__)
 
 
 class CacheMismatch(ValueError):
     """A cache exists at the given place but was made for another teacher, dataset or augmentation."""
+
+
+class CacheCorrupt(CacheMismatch):
+    """A cache file is corrupt and the cache cannot be rebuilt here (the message names the file and the fix)."""
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -131,7 +144,7 @@ class TeacherLogitCache:
     tensors or arrays of the same length; logits come back as float32 tensors.
     """
 
-    HEADER, LOGITS, FILLED, LOCK = "header.json", "logits.bin", "filled.bin", ".lock"
+    HEADER, LOGITS, FILLED, LOCK, USERS = "header.json", "logits.bin", "filled.bin", ".lock", ".users"
 
     def __init__(self, directory: str | os.PathLike, key: dict, *, sync: bool = True):
         self.directory = Path(directory)
@@ -143,6 +156,7 @@ class TeacherLogitCache:
         # shared mapping at once either way)
         self._logits: np.memmap | None = None
         self._filled: np.memmap | None = None
+        self._users = None  # the users file, shared-locked while this handle is open
         self._create_or_check()
 
     # -- opening ---------------------------------------------------------------------------------------------
@@ -153,6 +167,7 @@ class TeacherLogitCache:
 
         Raises:
             CacheMismatch: the cache found was made for another key (the message names the differing fields).
+            CacheCorrupt: a file of the cache is corrupt and the cache cannot be rebuilt (see the module docstring).
         """
         location = Path(location).expanduser()
         directory = location if (location / cls.HEADER).is_file() else location / cache_dirname(key)
@@ -168,16 +183,19 @@ class TeacherLogitCache:
 
     def _create_or_check(self) -> None:
         header = self.directory / self.HEADER
-        if not header.is_file():
+        if not header.exists():
             self.directory.mkdir(parents=True, exist_ok=True)
             with open(self.directory / self.LOCK, "a+") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # one creator; the others wait and then find the header
                 try:
-                    if not header.is_file():
+                    if not header.exists():
                         self._create(header)
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
-        self._check(json.loads(header.read_text()))
+        problem = self._corruption()
+        if problem is not None:
+            self._rebuild(problem)
+        self._hold()
 
     def _create(self, header: Path) -> None:
         logits_bytes, filled_bytes = self._sizes()
@@ -185,41 +203,117 @@ class TeacherLogitCache:
             with open(self.directory / name, "wb") as f:  # sparse: zeros cost no disk until written
                 f.truncate(size)
         tmp = header.with_name(header.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": self.key, "shape": list(self.shape), "layout": "C"}, indent=2) + "\n")
-        os.replace(tmp, header)  # the header appears last: its presence means the files are complete
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps({"key": self.key, "shape": list(self.shape), "layout": "C"}, indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # no empty header after a crash
+            os.replace(tmp, header)  # the header appears last: its presence means the files are complete
+        finally:
+            tmp.unlink(missing_ok=True)
 
-    def _check(self, header: dict) -> None:
-        found = header.get("key", {})
+    def _check(self, found: dict) -> None:
         if found != self.key:
             fields = sorted(k for k in set(found) | set(self.key) if found.get(k) != self.key.get(k))
             shown = "; ".join(f"{k}: cache {found.get(k)!r} vs this run {self.key.get(k)!r}" for k in fields)
             raise CacheMismatch(f"the teacher cache {self.directory} was made for another setting ({shown})")
+
+    def _corruption(self) -> tuple[Path, str, bool] | None:
+        """None when the files are what the header says, else ``(file, what is wrong, whether the header's key is
+        this key)``. A readable header of another key raises CacheMismatch: that is another cache, not a corrupt one."""
+        header = self.directory / self.HEADER
+        try:
+            text = header.read_bytes()
+        except OSError as err:
+            return header, f"it cannot be read: {err.strerror or err}", False
+        if not text.strip():
+            return header, "it is empty", False
+        try:
+            found = json.loads(text.decode("utf-8"))
+        except ValueError as err:  # UnicodeDecodeError, JSONDecodeError
+            return header, f"it is not valid JSON: {err}", False
+        if not isinstance(found, dict) or not isinstance(found.get("key"), dict):
+            return header, "it holds no cache key", False
+        self._check(found["key"])
+        if found.get("shape") != list(self.shape):
+            return header, f"its shape {found.get('shape')} is not that of its key {list(self.shape)}", True
         logits_bytes, filled_bytes = self._sizes()
         for name, size in ((self.LOGITS, logits_bytes), (self.FILLED, filled_bytes)):
             path = self.directory / name
-            if not path.is_file() or path.stat().st_size != size:
-                raise CacheMismatch(f"the teacher cache file {path} is missing or has the wrong size "
-                                    f"(expected {size} bytes); delete {self.directory} to rebuild it")
+            if not path.is_file():
+                return path, "it is missing", True
+            if path.stat().st_size != size:
+                return path, f"it has {path.stat().st_size:,} bytes, the header's shape needs {size:,}", True
+        return None
+
+    def _rebuild(self, problem: tuple[Path, str, bool]) -> None:
+        """Recreate the files empty, under the creation lock and only while no other handle is open; else raise
+        CacheCorrupt naming the corrupt file."""
+        delete = f"delete the folder to rebuild it: rm -r {shlex.quote(str(self.directory))}"
+        corrupt = "the teacher cache file {} is corrupt ({})"
+        if not problem[2] and self.directory.name != cache_dirname(self.key):
+            raise CacheCorrupt(f"{corrupt.format(*problem[:2])}; it is not rebuilt, as {self.directory} is not "
+                               f"the cache folder of this run's key: {delete}")
+        try:
+            with open(self.directory / self.LOCK, "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one rebuilder; the others wait and then find it rebuilt
+                try:
+                    problem = self._corruption()
+                    if problem is None:
+                        return
+                    with open(self.directory / self.USERS, "a+") as users:
+                        try:
+                            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        except BlockingIOError:
+                            raise CacheCorrupt(f"{corrupt.format(*problem[:2])}; it is not rebuilt while the cache "
+                                               f"is open elsewhere (another process or handle): {delete}") from None
+                        self._create(self.directory / self.HEADER)
+                        log.warning("%s: rebuilt the cache %s empty (its logits are computed again)",
+                                    corrupt.format(*problem[:2]), self.directory)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        except OSError as err:
+            raise CacheCorrupt(f"{corrupt.format(*problem[:2])} and could not be rebuilt ({err}): {delete}") from None
+
+    def _hold(self) -> None:
+        """Share-lock the users file while this handle is open (a rebuild takes it exclusively)."""
+        if self._users is None:
+            try:
+                users = open(self.directory / self.USERS, "a+")
+            except OSError:  # a read-only folder: no rebuild can happen there either
+                return
+            fcntl.flock(users, fcntl.LOCK_SH)
+            self._users = users
 
     # -- the memory maps (opened lazily, dropped when pickled: DataLoader workers, ddp_spawn) -----------------
     @property
     def logits(self) -> np.memmap:
         if self._logits is None:
+            self._hold()
             self._logits = np.memmap(self.directory / self.LOGITS, dtype=self.np_dtype, mode="r+", shape=self.shape)
         return self._logits
 
     @property
     def filled(self) -> np.memmap:
         if self._filled is None:
+            self._hold()
             self._filled = np.memmap(self.directory / self.FILLED, dtype=np.uint8, mode="r+",
                                      shape=self.shape[:2])
         return self._filled
 
     def close(self) -> None:
         self._logits = self._filled = None  # numpy unmaps when the last reference goes
+        if self._users is not None:
+            self._users.close()  # releases the shared lock
+            self._users = None
+
+    def __del__(self) -> None:
+        users = getattr(self, "_users", None)
+        if users is not None:
+            users.close()  # a handle dropped without close(): no ResourceWarning
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_logits": None, "_filled": None}
+        return {**self.__dict__, "_logits": None, "_filled": None, "_users": None}
 
     # -- reading and writing ----------------------------------------------------------------------------------
     def _indices(self, index, view) -> tuple[np.ndarray, np.ndarray]:

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from numbers import Real
+
 import torch
 from torch import Tensor, nn
 
 from abkd_vision.losses import Divergence, ForwardKL
 from abkd_vision.losses.functional import check_finite_number
+
+
+def check_weight(name: str, value) -> float:
+    """``value`` as a float when it is a loss weight (finite and >= 0), else a ValueError naming ``name``."""
+    number = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+    if isinstance(number, Real) and not isinstance(number, bool) and not float(number) >= 0:  # also NaN
+        raise ValueError(f"{name} must be >= 0, got {float(number)}")
+    return check_finite_number(name, value)
 
 
 def upcast(logits: Tensor) -> Tensor:
@@ -63,4 +73,4 @@ class DistillationHead(nn.Module):
         raise NotImplementedError
 
 
-__all__ = ["DistillationHead", "upcast"]
+__all__ = ["DistillationHead", "check_weight", "upcast"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from abkd_vision.heads.base import DistillationHead, upcast
+from abkd_vision.heads.base import DistillationHead, check_weight, upcast
 from abkd_vision.losses import Divergence, forward_kl
 
 
@@ -43,8 +43,8 @@ class DKD(DistillationHead):
                  divergence: Divergence | None = None):
         super().__init__(divergence)
         self.temperature = self._positive("temperature", temperature)
-        self.tckd_weight = float(tckd_weight)
-        self.nckd_weight = float(nckd_weight)
+        self.tckd_weight = check_weight("tckd_weight", tckd_weight)
+        self.nckd_weight = check_weight("nckd_weight", nckd_weight)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
         if target is None:

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from abkd_vision.heads import KD, DistillationHead
+from abkd_vision.heads.base import check_weight
 from abkd_vision.lit.classifier import ImageClassificationTask, mean_entropy
 from abkd_vision.lit.common import TeacherLogitCaching, count_correct, kd_warmup_scale
 from abkd_vision.models import create_model, load_checkpoint
@@ -106,6 +107,7 @@ class DistillationModule(TeacherLogitCaching, ImageClassificationTask):
                  compile: bool | dict = False):
         super().__init__()
         self.save_hyperparameters(ignore=["head"])
+        self.ce_weight, self.kd_weight = check_weight("ce_weight", ce_weight), check_weight("kd_weight", kd_weight)
         self.student = create_model(student, num_classes=num_classes, **(student_kwargs or {}))
         teacher_net = create_model(teacher, num_classes=num_classes)
         self.teacher_metadata: dict = {}
@@ -115,7 +117,6 @@ class DistillationModule(TeacherLogitCaching, ImageClassificationTask):
         self.head = head if head is not None else KD()
         if kd_warmup_epochs < 0:
             raise ValueError(f"kd_warmup_epochs must be >= 0, got {kd_warmup_epochs}")
-        self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
         self.init_task(student, num_classes, lr, nonfinite, max_skipped_steps, channels_last, compile)
         self.teacher_val_acc1: float | None = None
         check_dtype(teacher_cache_dtype, "teacher_cache_dtype")

@@ -17,7 +17,9 @@ examples:
 
 Arguments this parser does not know (--trainer.*, --model.*, --data.*, ...) go to every run, as for run.py fit.
 The search sets alpha/beta, --seed_everything and the logger folder (<out>/trials/trial_<n>) itself.
-Exit code: 0 done, 1 no trial completed or a worker failed, 2 bad input (nothing started), 130 interrupted.
+Exit code: 0 done, 1 no trial completed, a worker failed or the storage failed during the search, 2 bad input or
+an unusable storage (nothing started), 130 interrupted. A storage failure ends with one message naming the storage
+URL and the database's own reason.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from abkd_vision.search.space import SearchError, SearchSpace
@@ -34,6 +38,14 @@ from abkd_vision.search.space import SearchError, SearchSpace
 DEFAULT_STUDY = "abkd_search"
 _CHECKED_ENV = "ABKD_SEARCH_CHECKED"  # set for local worker processes: the parent checked the run config
 _THREADS_ENV = "ABKD_SEARCH_THREADS"
+
+
+class StorageFailed(SearchError):
+    """The Optuna storage failed after it opened; ``code`` is the exit code (2 before any trial, 1 after)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,6 +99,48 @@ def backend_of(url: str) -> str:
     return url.split(":", 1)[0].split("+", 1)[0] if ":" in url else "unknown"
 
 
+def database_error(err: BaseException | None) -> BaseException | None:
+    """The database's own exception behind ``err`` (the driver's, e.g. ``sqlite3.OperationalError``), else the
+    SQLAlchemy/Optuna storage exception in its chain; None when ``err`` did not come from the storage."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    found, seen = None, set()
+    while err is not None and id(err) not in seen:  # optuna re-raises storage errors as their __cause__/__context__
+        seen.add(id(err))
+        if isinstance(err, DBAPIError) and err.orig is not None:
+            return err.orig
+        if found is None and isinstance(err, (SQLAlchemyError, StorageInternalError)):
+            found = err
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def describe_error(err: BaseException) -> str:
+    """``Type: message`` on one line, without SQLAlchemy's statement dump and link."""
+    text = re.sub(r"\[SQL: .*|\(Background on this error at: [^)]*\)", "", " ".join(str(err).split())).strip()
+    name = type(err).__name__ if type(err).__module__ in ("builtins", "sqlalchemy.exc") else \
+        f"{type(err).__module__}.{type(err).__name__}"
+    return f"{name}: {text[:300]}" if text else name
+
+
+@contextmanager
+def storage_errors(url: str, doing: str, code: int, advice: str):
+    """Turn an exception that comes from the storage into StorageFailed: one message naming the URL and the cause."""
+    from abkd_vision.search.landscape import redact
+
+    try:
+        yield
+    except SearchError:
+        raise
+    except Exception as err:
+        cause = database_error(err)
+        if cause is None:
+            raise
+        raise StorageFailed(f"Optuna storage {redact(url)!r} (backend: {backend_of(url)}) failed {doing}: "
+                            f"{describe_error(cause)}; {advice}", code) from None
+
+
 def open_storage(url: str, out: Path):
     import optuna
 
@@ -97,9 +151,8 @@ def open_storage(url: str, out: Path):
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except Exception as err:  # driver missing, host unreachable, bad URL, ...: all the same advice
-        reason = " ".join(str(err).split())[:300] or type(err).__name__
         raise SearchError(f"cannot open Optuna storage {redact(url)!r} (backend: {backend}): "
-                          f"{type(err).__name__}: {reason}; check the URL, or use the default "
+                          f"{describe_error(database_error(err) or err)}; check the URL, or use the default "
                           f"sqlite:///{out}/study.db") from None
 
 
@@ -224,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.storage is None:
             args.storage = f"sqlite:///{args.out / 'study.db'}"
         return _main(args, extra, space)
+    except StorageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.code
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -259,12 +315,14 @@ def _main(args, extra: list[str], space: SearchSpace) -> int:
     _quiet()
     storage = open_storage(args.storage, args.out)
     if args.report_only:
-        try:
-            study = optuna.load_study(study_name=args.study_name, storage=storage)
-        except KeyError:
-            names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-            raise SearchError(f"no study {args.study_name!r} in {redact(args.storage)} (studies there: "
-                              f"{', '.join(names) or 'none'}); give --study-name") from None
+        with storage_errors(args.storage, "while reading the study", 2, "check the URL and that the database is "
+                                                                         "reachable"):
+            try:
+                study = optuna.load_study(study_name=args.study_name, storage=storage)
+            except KeyError:
+                names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+                raise SearchError(f"no study {args.study_name!r} in {redact(args.storage)} (studies there: "
+                                  f"{', '.join(names) or 'none'}); give --study-name") from None
         return _report(study, args)
 
     base = cli_args(args.config, extra)
@@ -274,12 +332,18 @@ def _main(args, extra: list[str], space: SearchSpace) -> int:
             print(f"search: {space.describe()}; {info['model']} with {info['head']} + AlphaBetaDivergence "
                   f"(config alpha {info['config_alpha']}, beta {info['config_beta']}); study {args.study_name!r} "
                   f"in {redact(args.storage)}", flush=True)
-    study = _load_or_create(storage, args, space, base)
+    with storage_errors(args.storage, "while creating the study", 2,
+                        "no trial ran; the search needs a database it can write to: check the URL, the permissions "
+                        "of the database and its folder and the free space, or give another --storage"):
+        study = _load_or_create(storage, args, space, base)
     if args.workers > 1:
         code = _start_workers(args, extra)
         status = _report(study, args)
         return max(code and 1, status)
-    _run_worker(study, space, args, base, args.out)
+    with storage_errors(args.storage, "during the search", 1,
+                        "the trials it recorded are kept; once the storage works again, run the same command to add "
+                        "trials, or --report-only for the outputs"):
+        _run_worker(study, space, args, base, args.out)
     if args.worker_only:
         return 0
     return _report(study, args)
@@ -288,7 +352,9 @@ def _main(args, extra: list[str], space: SearchSpace) -> int:
 def _report(study, args) -> int:
     from abkd_vision.search.landscape import write_outputs
 
-    result = write_outputs(study, args.out, args.storage)
+    with storage_errors(args.storage, "while reading the trials for the outputs", 2 if args.report_only else 1,
+                        "check that the database is reachable, then run again with --report-only"):
+        result = write_outputs(study, args.out, args.storage)
     best, paths = result["best"], result["paths"]
     counts = f"{best['n_complete']} complete, {best['n_pruned']} pruned, {best['n_fail']} failed"
     if best["alpha"] is None:
