@@ -173,15 +173,19 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(world, tmp_path)
     assert any(p.name.startswith(".last.ckpt.") for p in tmp_path.iterdir())  # the unfinished temporary file
 
 
-def test_resume_with_a_changed_key_is_an_error_unless_allowed(world):
+def test_resume_with_a_changed_key_is_an_error_unless_allowed(world, capsys):
+    from abkd_vision.cli import run
+
     name = "changed"
     shutil.copytree(_folder(world, "full"), _folder(world, name))
-    refused = _run(world, name, "--resume", "auto", "--model.init_args.lr", "0.01")
-    assert refused.returncode == 1
-    last = refused.stderr.strip().splitlines()
-    assert "resuming" in refused.stderr and "with a different configuration" in refused.stderr
-    assert "model.init_args.lr: 0.05 in the checkpoint, 0.01 now" in refused.stderr
-    assert "--resume_changes allow" in refused.stderr and last[-1].startswith("(ABKD_DEBUG=1")
+    # refused before training (in-process: the same run.py code path, without a second interpreter start)
+    assert run(_args(world, name, "--resume", "auto", "--model.init_args.lr", "0.01")[2:]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()
+    assert "resuming" in err and "with a different configuration" in err
+    assert "model.init_args.lr: 0.05 in the checkpoint, 0.01 now" in err
+    assert "--resume_changes allow" in err and last[-1].startswith("(ABKD_DEBUG=1")
+    assert not (_folder(world, name) / "resumes.json").exists()
     allowed = _run(world, name, "--resume", "auto", "--model.init_args.lr", "0.01", "--trainer.max_epochs",
                    str(EPOCHS + 1), "--resume_changes", "allow")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
