@@ -6,10 +6,12 @@ disk at any moment leaves the previous ``last.ckpt`` loadable). The best-epoch c
 stay where they are; ``last.ckpt`` belongs to this callback alone.
 
 Stopping: SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a preemption) and a first Ctrl-C (SIGINT)
-ask the run to stop at the end of the current training step. The run then saves ``last.ckpt``, writes
-``results.json`` with ``"finished": false`` and exits with :data:`PREEMPTED_EXIT_CODE`; the same command with
-``--resume auto`` continues it. A second Ctrl-C interrupts at once (the last periodic ``last.ckpt`` remains).
-Under DDP, Lightning broadcasts rank 0's stop request before every step, so all processes stop at the same step.
+ask the run to stop at the end of the current training step (a signal during validation takes effect when the
+validation has finished, so the saved state always sits between training steps). The run then saves
+``last.ckpt``, writes ``results.json`` with ``"finished": false`` and exits with :data:`PREEMPTED_EXIT_CODE`;
+the same command with ``--resume auto`` continues it. A second Ctrl-C interrupts at once (the last periodic
+``last.ckpt`` remains). Under DDP, Lightning broadcasts rank 0's stop request before every step, so all
+processes stop at the same step.
 
 Each checkpoint also holds the run's resolved configuration (``abkd_run``), which ``run.py`` compares with the
 configuration given on resume (:mod:`abkd_vision.resume`).
@@ -109,6 +111,7 @@ class ResumeCheckpoint(Checkpoint):
         self.last_path: Path | None = None
         self._saved_step = -1
         self._signal: str | None = None
+        self._pending = None  # a stop that arrived during validation, applied at its end
         self._previous: dict[int, Any] = {}
         self._trainer: Trainer | None = None
 
@@ -165,6 +168,9 @@ class ResumeCheckpoint(Checkpoint):
 
         def on_term(signum, frame):
             self._signal = self._signal or "SIGTERM"
+            if trainer.validating:  # Lightning would stop mid-validation: wait for its end (on_validation_end)
+                self._pending = lambda: previous_term(signum, frame) if callable(previous_term) else None
+                return
             if callable(previous_term):
                 previous_term(signum, frame)
 
@@ -177,7 +183,19 @@ class ResumeCheckpoint(Checkpoint):
         self._signal = signal.Signals(signum).name
         rank_zero_info(f"{self._signal} received: stopping after this training step and saving {self.last_path}")
         if trainer is not None:
-            trainer._signal_connector.received_sigterm = True  # Lightning's stop flag (broadcast from rank 0)
+            if trainer.validating:  # stop after the validation, at a training step boundary
+                self._pending = self._raise_flag
+            else:
+                self._raise_flag()
+
+    def _raise_flag(self) -> None:
+        if self._trainer is not None:
+            self._trainer._signal_connector.received_sigterm = True  # Lightning's stop flag (broadcast from rank 0)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending()
 
     def _restore_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
