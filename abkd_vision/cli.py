@@ -28,7 +28,7 @@ import abkd_vision.data  # noqa: F401
 import abkd_vision.heads  # noqa: F401
 import abkd_vision.losses  # noqa: F401
 import abkd_vision.models  # noqa: F401
-from abkd_vision.io import atomic_write
+from abkd_vision.io import DiskFullError, atomic_write
 
 _PACKAGES = ("abkd-vision", "torch", "torchvision", "lightning", "timm", "torchmetrics", "open_clip_torch",
              "jsonargparse", "omegaconf", "numpy")
@@ -203,7 +203,7 @@ class DistillationCLI(LightningCLI):
             if ckpt:
                 raise ResumeError(f"give --resume auto or --ckpt_path ({ckpt}), not both")
             pin_logger_version(trainer.logger)
-            folder = durable.dirpath if durable is not None and durable.dirpath else last_checkpoint_dir(trainer)
+            folder = durable.folder(trainer) if durable is not None else last_checkpoint_dir(trainer)
             if folder is None:
                 raise ResumeError("--resume auto needs a run folder to look in: configure a logger "
                                   "(trainer.logger) or a ModelCheckpoint dirpath")
@@ -213,7 +213,7 @@ class DistillationCLI(LightningCLI):
             else:
                 rank_zero_info(f"no {folder / 'last.ckpt'} yet: starting a new run")
         elif ckpt == "last":
-            folder = last_checkpoint_dir(trainer)
+            folder = durable.folder(trainer) if durable is not None else last_checkpoint_dir(trainer)
             if folder is None or not (folder / "last.ckpt").is_file():
                 raise ResumeError(f"--ckpt_path last: no last.ckpt in {folder or 'the run (no run folder)'}; "
                                   "--resume auto starts fresh when there is none")
@@ -305,7 +305,6 @@ def run(args: list[str] | None = None) -> int:
 
     from abkd_vision.durable import PREEMPTED_EXIT_CODE
     from abkd_vision.errors import looks_like_parser_report, summarize_parser_error
-    from abkd_vision.io import DiskFullError
     from abkd_vision.models import CheckpointError
 
     debug = bool(os.environ.get("ABKD_DEBUG"))
@@ -347,8 +346,6 @@ def _os_error_text(err: OSError) -> str | None:
     written, a full disk."""
     name = err.filename
     if err.errno == errno.ENOSPC:
-        from abkd_vision.io import DiskFullError
-
         return str(DiskFullError(name)) if name else f"no space left on device ({err})"
     if err.errno == errno.EACCES and name and os.path.exists(name) and not os.access(name, os.R_OK):
         return f"cannot read {name} ({err.strerror}); make it readable (chmod a+r) or point the config elsewhere"

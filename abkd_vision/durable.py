@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import io
-import os
 import signal
 import threading
 from pathlib import Path
@@ -35,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from abkd_vision.errors import PREEMPTED_EXIT_CODE
-from abkd_vision.io import DiskFullError, atomic_write_with
+from abkd_vision.io import DiskFullError, atomic_write
 
 __all__ = ["AtomicCheckpointIO", "PREEMPTED_EXIT_CODE", "RUN_KEY", "ResumeCheckpoint", "StopRequested",
            "last_checkpoint_dir"]
@@ -64,15 +63,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        data = buffer.getbuffer()
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-
-        atomic_write_with(path, write, needed=len(data))
+        atomic_write(path, buffer.getbuffer())
 
 
 def last_checkpoint_dir(trainer: Trainer) -> Path | None:
@@ -119,7 +110,7 @@ class ResumeCheckpoint(Checkpoint):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        folder = self.dirpath or last_checkpoint_dir(trainer)
+        folder = self.folder(trainer)
         self.last_path = folder / "last.ckpt" if folder is not None else None
         for cb in trainer.checkpoint_callbacks:
             if cb is not self and isinstance(cb, ModelCheckpoint) and cb.save_last:
@@ -128,6 +119,10 @@ class ResumeCheckpoint(Checkpoint):
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
         self._trainer = trainer
+
+    def folder(self, trainer: Trainer) -> Path | None:
+        """Where this callback keeps ``last.ckpt`` for ``trainer`` (None: no run folder, nothing is saved)."""
+        return self.dirpath or last_checkpoint_dir(trainer)
 
     def save(self, trainer: Trainer) -> Path | None:
         if self.last_path is None:

@@ -222,16 +222,19 @@ def refresh_optimizers(trainer, module) -> list[str]:
     and the schedulers' settings come from the new configuration, at the schedule's current position; the
     optimiser state (momentum buffers) stays. Returns what was changed, for the record."""
     import torch
+    from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 
-    fresh = module.configure_optimizers()
-    optimizers, schedulers = _unpack(fresh)
+    # Lightning's own parsing of configure_optimizers, so the pairs match trainer.optimizers/lr_scheduler_configs
+    optimizers, configs = _init_optimizers_and_lr_schedulers(module)
+    schedulers = [cfg.scheduler for cfg in configs]
     changed = []
     live_schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": nothing is trained here
-        for live, new in zip(live_schedulers, schedulers):
+        for live, new in zip(live_schedulers, schedulers):  # the new schedule, at the live one's position
             for _ in range(int(getattr(live, "last_epoch", 0))):
                 new.step()
+            live.load_state_dict(new.state_dict())
     for i, (live, new) in enumerate(zip(trainer.optimizers, optimizers)):
         for j, (group, new_group) in enumerate(zip(live.param_groups, new.param_groups)):
             for key, value in new_group.items():
@@ -241,33 +244,5 @@ def refresh_optimizers(trainer, module) -> list[str]:
                 if not _same(old, value) and not (isinstance(value, torch.Tensor)):
                     changed.append(f"optimizer {i} group {j} {key}: {old} -> {value}")
                 group[key] = value
-    for live, new in zip(live_schedulers, schedulers):
-        state = new.state_dict()
-        live.load_state_dict(state)
     return changed
 
-
-def _unpack(config) -> tuple[list, list]:
-    """Optimisers and schedulers from any return form of ``configure_optimizers``."""
-    optimizers, schedulers = [], []
-
-    def add(item):
-        if isinstance(item, dict):
-            optimizers.append(item["optimizer"])
-            sched = item.get("lr_scheduler")
-            if sched is not None:
-                schedulers.append(sched["scheduler"] if isinstance(sched, dict) else sched)
-        elif isinstance(item, (list, tuple)):
-            if len(item) == 2 and isinstance(item[0], (list, tuple)):
-                for o in item[0]:
-                    add(o)
-                for s in item[1]:
-                    schedulers.append(s["scheduler"] if isinstance(s, dict) else s)
-            else:
-                for o in item:
-                    add(o)
-        else:
-            optimizers.append(item)
-
-    add(config)
-    return optimizers, schedulers

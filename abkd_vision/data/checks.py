@@ -253,8 +253,7 @@ def find_bad_images(paths: Sequence[str], level: str = "header", cache_dir: str 
     ``cache_dir``: folder of the result cache (default ``cache_root() / "image-checks"``); ``use_cache`` False
     neither reads nor writes it. ``workers``: threads (default min(32, 4 x CPU count)).
     """
-    if level not in CHECK_LEVELS:
-        raise ValueError(f"check_images must be one of {', '.join(map(repr, CHECK_LEVELS))}, got {level!r}")
+    check_options(level, "raise")
     paths = [os.fspath(p) for p in paths]
     if level == "off" or not paths:
         return []

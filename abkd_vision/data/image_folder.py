@@ -253,10 +253,6 @@ class ImageFolderDataModule(ClassificationDataModule):
         for split in used:
             if datasets[split] is not None:
                 self._check_split(datasets[split])
-        if new_train:
-            n, bs = len(self.train_set), self.hparams.batch_size
-            if self.hparams.drop_last and n < bs:
-                log.warning("train split has %d images < batch_size=%d with drop_last: no training batch", n, bs)
 
     def _check_split(self, dataset: ImageFolder | Subset) -> None:
         """Check the files ``dataset`` reads (once per split folder; ``val`` may be the test folder); drop the bad

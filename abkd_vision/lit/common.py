@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -288,8 +289,7 @@ def training_progress(trainer) -> dict:
     max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
     epochs, steps = int(trainer.current_epoch), int(trainer.global_step)
     reached = (max_epochs is not None and epochs >= max_epochs) or (max_steps is not None and steps >= max_steps)
-    early = any(getattr(cb, "stopped_epoch", 0) > 0 for cb in trainer.callbacks
-                if type(cb).__name__ == "EarlyStopping" or hasattr(cb, "wait_count"))
+    early = any(cb.stopped_epoch > 0 for cb in trainer.callbacks if isinstance(cb, EarlyStopping))
     try:
         planned_steps = trainer.estimated_stepping_batches
         planned_steps = int(planned_steps) if math.isfinite(planned_steps) else None
