@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 import torch
 
-from abkd_vision.heads import DKD, KD, LSD, TTM
+from abkd_vision.heads import DIST, DKD, KD, LSD, MLKD, NKD, TTM, CurriculumTemperature
 from abkd_vision.lit.common import NonFiniteGuard
 from abkd_vision.losses import AlphaBetaDivergence, ForwardKL, ReverseKL
 
@@ -41,7 +41,22 @@ HEADS = {
     "lsd": lambda: LSD(),
     "ttm": lambda: TTM(),
     "wttm": lambda: TTM(weighted=True),
+    "dkd_ls": lambda: DKD(standardize=True),
+    "wttm_ls": lambda: TTM(weighted=True, standardize=True),
+    "dist": lambda: DIST(),
+    "nkd": lambda: NKD(),
+    "abnkd": lambda: NKD(divergence=AlphaBetaDivergence(0.8, 0.3)),
+    "mlkd": lambda: MLKD(),
+    "abmlkd_ls": lambda: MLKD(divergence=AlphaBetaDivergence(0.8, 0.3), standardize=True),
+    "ctkd": lambda: KD(learned_temperature=CurriculumTemperature()),
+    "ctkd_instance_dkd": lambda: DKD(learned_temperature=CurriculumTemperature("instance", num_classes=10)),
 }
+
+
+def _call(head, student, teacher, target):
+    if head.views == 2:  # MLKD: a second (strong) view of the same images
+        return head(student, teacher, target, student_strong=student * 0.5, teacher_strong=teacher.flip(0))
+    return head(student, teacher, target)
 
 
 @pytest.mark.parametrize("name", list(HEADS))
@@ -49,19 +64,22 @@ def test_heads_forward_and_backward_do_not_synchronise(name):
     head = HEADS[name]()
     student = torch.randn(8, 10, requires_grad=True)
     teacher, target = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    head.set_epoch(2)  # (between steps, as the modules call it)
     with no_host_sync():
-        loss = head(student, teacher, target)
+        loss = _call(head, student, teacher, target)
         loss.backward()
+        head.log_values()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
 
 
-@pytest.mark.parametrize("name", ["kd", "abkd", "dkd", "lsd", "ttm"])
+@pytest.mark.parametrize("name", ["kd", "abkd", "dkd", "lsd", "ttm", "dkd_ls", "dist", "abnkd", "abmlkd_ls", "ctkd",
+                                  "ctkd_instance_dkd"])
 def test_heads_compile_without_graph_breaks(name):
     torch._dynamo.reset()
     head = HEADS[name]()
-    compiled = torch.compile(head, fullgraph=True, backend="eager")
-    student, teacher, target = torch.randn(4, 6), torch.randn(4, 6), torch.randint(0, 6, (4,))
-    torch.testing.assert_close(compiled(student, teacher, target), head(student, teacher, target))
+    compiled = torch.compile(lambda *a: _call(head, *a), fullgraph=True, backend="eager")
+    student, teacher, target = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
+    torch.testing.assert_close(compiled(student, teacher, target), _call(head, student, teacher, target))
 
 
 def test_masked_classes_still_give_exact_zero_without_a_branch():

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from abkd_vision.heads.base import DistillationHead, check_weight, upcast
+from abkd_vision.heads.base import DistillationHead, check_weight, tempered_mean
 from abkd_vision.losses import Divergence, forward_kl
 
 
@@ -37,11 +37,16 @@ class DKD(DistillationHead):
     DKD's warm-up min(epoch / 20, 1) is a schedule of the training module (``kd_warmup_epochs``),
     not part of the head. With 2 classes NCKD is exactly 0. The official ABDKD also multiplies by
     T^2, so DKD's published weights (alpha_DKD = 1, beta_DKD = 8 or per pair) carry over unchanged.
+    DKD+LS = ``DKD(standardize=True)`` (the LS paper's code multiplies both DKD weights by its KD weight);
+    DKD+CTKD = ``DKD(learned_temperature=...)`` (per-sample T_i^2 with the instance variant).
     """
 
+    uses_labels = True
+
     def __init__(self, temperature: float = 4.0, tckd_weight: float = 1.0, nckd_weight: float = 8.0,
-                 divergence: Divergence | None = None):
-        super().__init__(divergence)
+                 divergence: Divergence | None = None, standardize: bool = False,
+                 learned_temperature: nn.Module | None = None):
+        super().__init__(divergence, standardize, learned_temperature)
         self.temperature = self._positive("temperature", temperature)
         self.tckd_weight = check_weight("tckd_weight", tckd_weight)
         self.nckd_weight = check_weight("nckd_weight", nckd_weight)
@@ -52,12 +57,14 @@ class DKD(DistillationHead):
         self._check_logits(student_logits, teacher_logits, target)
         if student_logits.shape[-1] < 2:
             raise ValueError("DKD needs at least 2 classes")
-        t = self.temperature
-        binary_t, others_t = split_target((upcast(teacher_logits) / t).log_softmax(dim=-1), target)
-        binary_s, others_s = split_target((upcast(student_logits) / t).log_softmax(dim=-1), target)
+        student, teacher = self.prepare(student_logits, teacher_logits)
+        t = self.temperature_for(student, teacher, self.temperature)
+        binary_t, others_t = split_target((teacher / t).log_softmax(dim=-1), target)
+        binary_s, others_s = split_target((student / t).log_softmax(dim=-1), target)
         tckd = forward_kl(binary_t, binary_s)
         nckd = self.divergence(others_t, others_s)
-        return (self.tckd_weight * tckd + self.nckd_weight * nckd).mean() * (t * t)
+        return tempered_mean(self.tckd_weight * tckd + self.nckd_weight * nckd, t)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, tckd_weight={self.tckd_weight}, nckd_weight={self.nckd_weight}"
+        return (f"temperature={self.temperature}, tckd_weight={self.tckd_weight}, nckd_weight={self.nckd_weight}"
+                f"{self._transforms_repr()}")

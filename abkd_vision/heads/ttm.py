@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from abkd_vision.heads.base import DistillationHead, upcast
+from abkd_vision.heads.base import DistillationHead
 from abkd_vision.losses import Divergence
 
 
@@ -18,22 +18,31 @@ class TTM(DistillationHead):
     which is larger for flatter teacher outputs and depends only on the teacher.
     gamma plays the role of 1/T on the teacher only. The official TTM/ABTTM code also has no T^2,
     so its lambda (e.g. 45 for vgg13->vgg8 with gamma = 0.1) carries over unchanged.
+    TTM+LS = ``TTM(standardize=True)`` (z-scored logits, then the power transform). TTM has no temperature, so a
+    learned temperature (CTKD) is an error.
     """
 
-    def __init__(self, gamma: float = 0.1, divergence: Divergence | None = None, weighted: bool = False):
-        super().__init__(divergence)
+    has_temperature = False
+
+    def __init__(self, gamma: float = 0.1, divergence: Divergence | None = None, weighted: bool = False,
+                 standardize: bool = False, learned_temperature: nn.Module | None = None):
+        super().__init__(divergence, standardize, learned_temperature)
         self.gamma = self._positive("gamma", gamma)
         self.weighted = bool(weighted)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
         self._check_logits(student_logits, teacher_logits, target)
-        teacher_log_probs = upcast(teacher_logits).log_softmax(dim=-1)
+        student, teacher = self.prepare(student_logits, teacher_logits)
+        teacher_log_probs = teacher.log_softmax(dim=-1)
         log_p = (self.gamma * teacher_log_probs).log_softmax(dim=-1)
-        log_q = upcast(student_logits).log_softmax(dim=-1)
+        log_q = student.log_softmax(dim=-1)
         per_sample = self.divergence(log_p, log_q)
         if self.weighted:
             per_sample = per_sample * (self.gamma * teacher_log_probs).logsumexp(dim=-1).exp()
         return per_sample.mean()
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, weighted={self.weighted}"
+        return f"gamma={self.gamma}, weighted={self.weighted}{self._transforms_repr()}"
+
+    def _no_temperature_reason(self) -> str:
+        return " (its gamma is a power on the teacher only and the student is not tempered)"
