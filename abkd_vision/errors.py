@@ -23,7 +23,7 @@ def looks_like_parser_report(text: str) -> bool:
 
 # What a user may put at a class_path, by the key it sits under (short names work once the package is imported).
 CLASS_CHOICES = {
-    "head": "abkd_vision.heads.KD, DKD, LSD, TTM",
+    "head": "abkd_vision.heads.KD, DKD, LSD, TTM, DIST, NKD, MLKD",
     "divergence": ("abkd_vision.losses.AlphaBetaDivergence, ForwardKL, ReverseKL, AlphaDivergence, BetaDivergence, "
                    "HellingerDistance, SquaredEuclidean, WeightedKL, JensenShannon"),
     "model": ("abkd_vision.lit.ClassifierModule, DistillationModule, PromptTuningModule, "

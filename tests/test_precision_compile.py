@@ -17,7 +17,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from test_sync_free import no_host_sync
 
 from abkd_vision.data import ImageFolderDataModule
-from abkd_vision.heads import DKD, KD
+from abkd_vision.heads import DKD, KD, CurriculumTemperature
 from abkd_vision.lit import ClassifierModule, DistillationModule
 from abkd_vision.losses import AlphaBetaDivergence
 
@@ -59,13 +59,15 @@ class _Record(Callback):
 
 # --- a whole training step is free of host reads -----------------------------------------------------------
 
-@pytest.mark.parametrize("head", ["abkd", "abdkd", "ce"])
+@pytest.mark.parametrize("head", ["abkd", "abdkd", "ctkd_ls", "ce"])
 def test_whole_training_step_reads_nothing_back_from_the_device(tmp_path, tiny_data, head):
     """The step as Lightning runs it (our training_step incl. self.log, backward, the gradient guard before the
     optimiser step, the scheduler-free step) never turns a tensor into a Python value. The guard's periodic
     check (every 50 steps on accelerators, every step on the CPU where it is free) is set beyond the run."""
     if head == "ce":
         module = ClassifierModule("resnet8", num_classes=3)
+    elif head == "ctkd_ls":  # a learned temperature (its own parameter, logged per epoch) on standardised logits
+        module = _distiller(KD(standardize=True, learned_temperature=CurriculumTemperature()))
     else:
         ab = AlphaBetaDivergence(0.8, 0.3)
         module = _distiller(KD(divergence=ab) if head == "abkd" else DKD(divergence=ab), kd_warmup_epochs=2)
@@ -212,3 +214,24 @@ def test_ce_only_distillation_never_runs_the_teacher_in_training(tmp_path, tiny_
     record = _Record()
     _trainer(tmp_path, [record], limit_val_batches=0).fit(module, datamodule=_datamodule(tiny_data))
     assert len(record.losses) == 4 and all(torch.isfinite(loss) for loss in record.losses)
+
+
+def test_learned_temperature_is_trained_with_the_student_and_checkpointed(tmp_path, tiny_data):
+    """CTKD's temperature parameter is in the student's optimiser (it moves), follows the curriculum per epoch,
+    is logged per epoch, and is saved in (and restored from) the checkpoint."""
+    module = _distiller(KD(learned_temperature=CurriculumTemperature(curriculum_epochs=2)))
+    raw_before = module.head.learned_temperature.raw.detach().clone()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(tmp_path, [checkpoint], max_epochs=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=_datamodule(tiny_data))
+    raw_after = module.head.learned_temperature.raw.detach()
+    assert not torch.equal(raw_before, raw_after)
+    assert module.head.learned_temperature.reversal.item() == 1.0  # epoch 1 of a 2-epoch curriculum
+    logged = trainer.logged_metrics
+    assert logged["train/temperature_lambda"].item() == 1.0
+    assert 1.0 < logged["train/temperature"].item() < 21.0
+    state = torch.load(checkpoint.last_model_path, weights_only=True)["state_dict"]
+    torch.testing.assert_close(state["head.learned_temperature.raw"], raw_after)
+    fresh = _distiller(KD(learned_temperature=CurriculumTemperature(curriculum_epochs=2)))
+    fresh.load_state_dict(state, strict=False)
+    torch.testing.assert_close(fresh.head.learned_temperature.raw.detach(), raw_after)

@@ -2,7 +2,9 @@
 CoOp layout), CIFAR-style and CLIP transforms, and helpers
 that export array datasets (scikit-learn digits, CIFAR npz files) as ImageFolder trees or CoOp-layout datasets.
 
-Every module yields batches ``(images float32 [B, 3, S, S], labels int64 [B])`` with ``S = image_size``.
+Every module yields batches ``(images float32 [B, 3, S, S], labels int64 [B])`` with ``S = image_size``; with
+``strong_view: true`` (MLKD's two views) its training batches are ``([weak, strong], labels)``, two such image
+tensors (evaluation batches are unchanged).
 """
 
 from abkd_vision.data.base import ClassificationDataModule, eval_sampler, make_dataloader

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from abkd_vision.data.transforms import IndexedViews
+from abkd_vision.data.transforms import IndexedViews, strong_view_transform, with_strong_view
 
 
 def _accelerator_available() -> bool:
@@ -139,6 +139,25 @@ class ClassificationDataModule(L.LightningDataModule):
     # Set by DistillationModule(teacher_cache=...) when its cache is usable: training batches are then
     # (images, target, index, view) (see abkd_vision.teacher_cache); otherwise (images, target).
     return_views: bool = False
+    # The two-view option (MLKD): training samples are ((weak, strong), target, ...), see init_strong_view.
+    strong_view: bool = False
+    strong_transform = None
+
+    def init_strong_view(self, strong_view: bool, strong_transform=None) -> None:
+        """Subclasses call it after setting ``train_transform``. With ``strong_view`` every *training* sample is
+        ``((weak, strong), target)`` (``((weak, strong), target, index, view)`` with the teacher-logit cache), so a
+        batch is ``([weak [B, 3, S, S], strong [B, 3, S, S]], target, ...)``; evaluation loaders are unchanged.
+
+        weak = ``train_transform`` exactly (same tensors and RNG use as with ``strong_view`` off); strong =
+        ``strong_transform``, by default ``train_transform`` with RandAugment(2, 10) before ToTensor
+        (:func:`~abkd_vision.data.transforms.strong_view_transform`), drawn independently of the weak view and
+        reproducibly under the seeded stream (:class:`~abkd_vision.data.transforms.WeakStrongViews`)."""
+        if not isinstance(strong_view, bool):
+            raise ValueError(f"strong_view must be true or false, got {strong_view!r}")
+        self.strong_view = strong_view
+        self.strong_transform = None
+        if strong_view:
+            self.strong_transform = strong_transform or strong_view_transform(self.train_transform)
 
     def teacher_views(self):
         """The view-naming form of the training augmentation (None if it has none)."""
@@ -162,9 +181,13 @@ class ClassificationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        strong = self.strong_transform if self.strong_view else None
         if self.return_views and self.train_set is not None and self.train_views is not None:
-            return self._loader(IndexedViews(self.train_set, self.train_views), train=True)
-        return self._loader(self.train_set, train=True)
+            return self._loader(IndexedViews(self.train_set, self.train_views, strong), train=True)
+        dataset = self.train_set
+        if strong is not None and dataset is not None:
+            dataset = with_strong_view(dataset, strong)
+        return self._loader(dataset, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

@@ -21,6 +21,11 @@ With ``seed=None`` the few-shot draw uses ``torch.initial_seed()``: under DDP ca
 
 Transforms (CLIP, as Dassl's defaults for CoOp-style training): RandomResizedCrop(S, scale=(0.08, 1), bicubic) +
 horizontal flip for training; Resize(S, bicubic) + CenterCrop(S) for evaluation; CLIP mean/std.
+
+With ``strong_view`` (MLKD's two views) a training sample is ``((weak, strong), target, ...)``: weak = the training
+transform, strong = the same RandomResizedCrop + flip with RandAugment(2, 10) before ToTensor/Normalize, drawn
+independently. MLKD defines its strong view for CIFAR/ImageNet only, never for CLIP prompt distillation: this
+strong view is our choice, made the same way as the CIFAR one.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from abkd_vision.data.checks import (
 )
 from abkd_vision.data.coop import BASE_TO_NEW_DATASETS, COOP_DATA_HELP, missing_images, read_coop_dataset
 from abkd_vision.data.resumable import SeededViewStream
-from abkd_vision.data.transforms import ToRGB
+from abkd_vision.data.transforms import ToRGB, strong_view_transform, with_strong_view
 
 __all__ = [
     "BASE_TO_NEW_DATASETS",
@@ -168,6 +173,14 @@ class BaseToNewDataModule(L.LightningDataModule):
             listed in ``bad_images``, ``[{"path", "problem", "split"}, ...]``, and written to the run folder's
             ``bad_images.json`` when a trainer with a logger is attached). Skipping a drawn few-shot image leaves
             its class with fewer shots (no other image is drawn); a class left without images is an error.
+        strong_view: two views of every training image (MLKD): training batches are ``([weak, strong], target,
+            ...)``; weak = the training transform (unchanged, same tensors and RNG use as without the option),
+            strong = RandomResizedCrop + flip + RandAugment(2, 10) + ToTensor + Normalize, drawn independently and
+            reproducibly under the seeded stream. Our choice: MLKD never defined a CLIP strong view. With the
+            teacher-logit cache the weak view is cached and the teacher runs live on the strong one. Evaluation is
+            unchanged.
+        strong_transform: the strong view's transform (PIL image -> tensor) instead of that default; needed with a
+            custom ``train_transform`` that is not a torchvision Compose with a ToTensor step.
 
     ``class_names`` (cleaned, label order), ``base_class_names``, ``new_class_names`` and the counts are read at
     construction from the class list (no image is listed or opened), so the CLI can link them.
@@ -178,9 +191,10 @@ class BaseToNewDataModule(L.LightningDataModule):
                  eval_batch_size: int = 100, num_workers: int | None = None, pin_memory: bool = True,
                  drop_last: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0),
                  train_transform: Callable | None = None, eval_transform: Callable | None = None,
-                 check_images: str = "header", on_bad_image: str = "raise"):
+                 check_images: str = "header", on_bad_image: str = "raise", strong_view: bool = False,
+                 strong_transform: Callable | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
+        self.save_hyperparameters(ignore=["train_transform", "eval_transform", "strong_transform"])
         if train_classes not in TRAIN_CLASSES:
             raise ValueError(f"train_classes must be one of {TRAIN_CLASSES}, got {train_classes!r}")
         if eval_split not in EVAL_SPLITS:
@@ -202,6 +216,11 @@ class BaseToNewDataModule(L.LightningDataModule):
         self.base_labels, self.new_labels = base_new_split(range(len(self.class_names)))
         self.train_transform = train_transform or clip_train_transform(image_size, crop_scale)
         self.eval_transform = eval_transform or clip_eval_transform(image_size)
+        if not isinstance(strong_view, bool):
+            raise ValueError(f"strong_view must be true or false, got {strong_view!r}")
+        self.strong_view, self.strong_transform = strong_view, None
+        if strong_view:  # MLKD's strong view; its CLIP form is our choice (MLKD has none)
+            self.strong_transform = strong_transform or strong_view_transform(self.train_transform)
         self.train_set: Dataset | None = None
         self.eval_sets: list[Dataset] | None = None
         # Set by ExactResume: a training order and augmentation that depend only on (seed, epoch, sample).
@@ -338,7 +357,10 @@ class BaseToNewDataModule(L.LightningDataModule):
                                pin_memory=hp.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        dataset = self.train_set
+        if self.strong_view and dataset is not None:
+            dataset = with_strong_view(dataset, self.strong_transform)  # the weak view keeps the seeded stream
+        return self._loader(dataset, train=True)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.eval_sets is None:

@@ -72,6 +72,11 @@ class CIFAR100DataModule(ClassificationDataModule):
         image_size: side of the square model input; 32 keeps the images untouched, other values resize
             (e.g. 224 for ImageNet-pretrained teachers).
         mean, std: normalisation statistics; ``None`` = CIFAR-100 training-set statistics.
+        strong_view: two views of every training image (MLKD): training batches are
+            ``([weak, strong], target, ...)`` with weak = the usual crop/flip and strong = MLKD's CIFAR strong view,
+            RandomCrop(32, padding=4) + RandomHorizontalFlip + RandAugment(2, 10) + ToTensor + Normalize, drawn
+            independently (see :meth:`~abkd_vision.data.base.ClassificationDataModule.init_strong_view`).
+            Evaluation is unchanged.
 
     Attributes:
         num_classes: 100.
@@ -94,6 +99,7 @@ class CIFAR100DataModule(ClassificationDataModule):
         image_size: int = 32,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
+        strong_view: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -108,6 +114,7 @@ class CIFAR100DataModule(ClassificationDataModule):
         self.train_transform = cifar_train_transform(image_size, mean, std)
         self.eval_transform = cifar_eval_transform(image_size, mean, std)
         self.train_views = CropFlipViews(image_size, mean, std)  # the same augmentation, naming its view
+        self.init_strong_view(strong_view)
         self.train_set: CIFAR100 | None = None
         self.test_set: CIFAR100 | None = None
 

@@ -137,6 +137,12 @@ class ImageFolderDataModule(ClassificationDataModule):
         on_bad_image: "raise" (default: one ValueError naming the bad files) or "skip" (train without them; they
             are listed in ``bad_images``, ``[{"path", "problem", "split"}, ...]``, and written to the run folder's
             ``bad_images.json`` when a trainer with a logger is attached).
+        strong_view: two views of every training image (MLKD): training batches are
+            ``([weak, strong], target, ...)`` with weak = the training transform and strong = the same crop/flip
+            transform with RandAugment(2, 10) before ToTensor, drawn independently (see
+            :meth:`~abkd_vision.data.base.ClassificationDataModule.init_strong_view`). Evaluation is unchanged.
+        strong_transform: the strong view's transform (PIL image -> tensor) instead of that default; needed with a
+            custom ``train_transform`` that is not a torchvision Compose with a ToTensor step.
 
     Raises:
         FileNotFoundError: ``root`` or its ``train``/``test`` folder is missing, a split has no class
@@ -165,10 +171,12 @@ class ImageFolderDataModule(ClassificationDataModule):
         train_per_class: int | None = None,
         check_images: str = "header",
         on_bad_image: str = "raise",
+        strong_view: bool = False,
+        strong_transform: Callable | None = None,
     ) -> None:
         super().__init__()
         # Transform objects are not plain hyper-parameters (not serialisable to hparams.yaml).
-        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
+        self.save_hyperparameters(ignore=["train_transform", "eval_transform", "strong_transform"])
         if batch_size <= 0 or eval_batch_size <= 0:
             raise ValueError(f"batch sizes must be positive, got {batch_size=} {eval_batch_size=}")
         resolve_num_workers(num_workers)  # checks it
@@ -183,6 +191,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         # The view-naming form of the default augmentation (none for a custom train_transform).
         self.train_views = None if train_transform is not None else CropFlipViews(image_size, mean, std, padding,
                                                                                   hflip)
+        self.init_strong_view(strong_view, strong_transform)
         self.train_set: ImageFolder | None = None
         self.val_set: ImageFolder | None = None
         self.test_set: ImageFolder | None = None

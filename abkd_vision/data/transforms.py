@@ -13,7 +13,8 @@ one (RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize), w
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -28,8 +29,11 @@ __all__ = [
     "CropFlipViews",
     "IndexedViews",
     "ToRGB",
+    "WeakStrongViews",
     "cifar_eval_transform",
     "cifar_train_transform",
+    "strong_view_transform",
+    "with_strong_view",
 ]
 
 # Per-channel statistics of the CIFAR-100 training set (pixel values scaled to [0, 1]).
@@ -188,6 +192,71 @@ class CropFlipViews:
                 f"hflip={self.hflip}, mean={self.mean}, std={self.std})")
 
 
+def strong_view_transform(train_transform: T.Compose, num_ops: int = 2, magnitude: int = 10) -> T.Compose:
+    """The strong view of MLKD (Jin et al., CVPR 2023) made from a training transform: the same steps, with
+    torchvision's ``RandAugment(num_ops, magnitude)`` inserted on the PIL image right before ``ToTensor``.
+
+    From :func:`cifar_train_transform` this is MLKD's CIFAR strong view: RandomCrop(32, padding=4) +
+    RandomHorizontalFlip + RandAugment(2, 10) + ToTensor + Normalize (the weak view's statistics). The steps are
+    shared with ``train_transform`` (they hold no state); ``train_transform`` itself is not changed.
+
+    Raises ValueError when ``train_transform`` is not a torchvision ``Compose`` with a ``ToTensor`` step.
+    """
+    steps = list(train_transform.transforms) if isinstance(train_transform, T.Compose) else []
+    at = next((k for k, step in enumerate(steps) if isinstance(step, (T.ToTensor, T.PILToTensor))), None)
+    if at is None:
+        raise ValueError(
+            f"strong_view: cannot add RandAugment to the training transform {train_transform!r}: it is not a "
+            "torchvision Compose with a ToTensor step; pass strong_transform (PIL image -> tensor) for the strong view"
+        )
+    return T.Compose([*steps[:at], T.RandAugment(num_ops=num_ops, magnitude=magnitude), *steps[at:]])
+
+
+def _derived_seed(state: Tensor) -> int:
+    """A 63-bit seed that is a function of a generator state (a fresh stream, unrelated to that state's own)."""
+    digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8, person=b"strongview").digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class WeakStrongViews:
+    """PIL image -> ``(weak(image), strong(image))``: two independently augmented views of one image (MLKD).
+
+    ``weak`` runs first and draws from torch's global generator exactly as it does alone, so the weak views (and
+    every later draw of the stream) are the same tensors as without the strong view. ``strong`` then draws from a
+    stream seeded by a hash of the generator state ``weak`` left, and the generator is put back to that state: the
+    strong view is a function of the same seed (under :class:`~abkd_vision.data.resumable.SeededViews`: of
+    ``(seed, epoch, sample)``, so exact resume replays it) without touching the weak stream.
+    """
+
+    def __init__(self, weak: Callable, strong: Callable):
+        self.weak, self.strong = weak, strong
+
+    def __call__(self, img: Image.Image):
+        weak = self.weak(img)
+        generator = torch.random.default_generator
+        state = generator.get_state()
+        generator.manual_seed(_derived_seed(state))
+        try:
+            strong = self.strong(img)
+        finally:
+            generator.set_state(state)
+        return weak, strong
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(weak={self.weak!r}, strong={self.strong!r})"
+
+
+def _transform_of(dataset: Dataset):
+    return _transform_of(dataset.dataset) if isinstance(dataset, Subset) else dataset.transform
+
+
+def with_strong_view(dataset: Dataset, strong: Callable) -> Dataset:
+    """A shallow copy of ``dataset`` (a torchvision dataset, a Subset of one, or any dataset with a ``transform``
+    attribute) whose item is ``((weak, strong), target)``: its own transform as the weak view and ``strong`` as
+    the strong one (:class:`WeakStrongViews`). The wrapped dataset is not changed."""
+    return _with_transform(dataset, WeakStrongViews(_transform_of(dataset), strong))
+
+
 def _with_transform(dataset: Dataset, transform) -> Dataset:
     """A shallow copy of a torchvision dataset (or a Subset of one) whose ``transform`` is replaced."""
     if isinstance(dataset, Subset):
@@ -201,15 +270,24 @@ def _with_transform(dataset: Dataset, transform) -> Dataset:
 
 class IndexedViews(Dataset):
     """``dataset`` (a torchvision dataset or a Subset of one) with its transform replaced by ``views``
-    (:class:`CropFlipViews`); item ``i`` is ``(image, target, i, view)``. The wrapped dataset is not changed."""
+    (:class:`CropFlipViews`); item ``i`` is ``(image, target, i, view)``. The wrapped dataset is not changed.
 
-    def __init__(self, dataset: Dataset, views: CropFlipViews):
-        self.dataset = _with_transform(dataset, views)
+    With ``strong`` (a strong-view transform, :func:`strong_view_transform`) item ``i`` is
+    ``((weak, strong), target, i, view)``: ``view`` names the weak view (the one a teacher-logit cache holds); the
+    strong view is drawn after it as :class:`WeakStrongViews` does, so it has no view id (it is not cacheable)."""
+
+    def __init__(self, dataset: Dataset, views: CropFlipViews, strong: Callable | None = None):
+        self.strong = strong
+        self.dataset = _with_transform(dataset, views if strong is None else WeakStrongViews(views, strong))
         self.views = views
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        (image, view), target = self.dataset[index]
-        return image, target, int(index), view
+        image, target = self.dataset[index]
+        if self.strong is None:
+            image, view = image
+            return image, target, int(index), view
+        (weak, view), strong = image
+        return (weak, strong), target, int(index), view

@@ -120,9 +120,15 @@ class ImageClassificationTask(GuardedTraining, LightningModule):
         return self.compiled_network(images) if self.compiled_network is not None else self.network(images)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.channels_last and isinstance(batch, (list, tuple)) and batch and batch[0].dim() == 4:
-            batch = [batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]]
-        return batch
+        if not (self.channels_last and isinstance(batch, (list, tuple)) and batch):
+            return batch
+        images = batch[0]  # a tensor, or [weak, strong] of two-view training data
+
+        def nhwc(x):
+            return x.contiguous(memory_format=torch.channels_last) if isinstance(x, Tensor) and x.dim() == 4 else x
+
+        images = [nhwc(x) for x in images] if isinstance(images, (list, tuple)) else nhwc(images)
+        return [images, *batch[1:]]
 
     def _update(self, metrics: MetricCollection, batch) -> None:
         images, target = batch

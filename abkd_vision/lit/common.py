@@ -15,8 +15,8 @@ from torch import Tensor
 from abkd_vision.io import atomic_write
 from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache
 
-__all__ = ["GuardedTraining", "NONFINITE_POLICIES", "NonFiniteGuard", "count_correct", "kd_warmup_scale",
-           "save_recovery_checkpoint", "training_progress", "write_results"]
+__all__ = ["DistillationHeadHooks", "GuardedTraining", "NONFINITE_POLICIES", "NonFiniteGuard", "count_correct",
+           "kd_warmup_scale", "save_recovery_checkpoint", "training_progress", "write_results"]
 
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -226,6 +226,10 @@ class TeacherLogitCaching:
         rank_zero_info(f"teacher logits cached in {cache.directory} ({cache.filled_count():,} of "
                        f"{cache.num_images * cache.num_views:,} image views filled; the rest are filled as "
                        "training meets them)")
+        if getattr(datamodule, "strong_view", False):
+            head = type(getattr(self, "head", None)).__name__
+            rank_zero_info(f"{head}'s strong view (RandAugment) is not cacheable: the teacher runs live on it; the "
+                           "weak view uses the cache")
         return cache
 
     def _logit_cache_off(self, reason: str) -> None:
@@ -255,6 +259,48 @@ class TeacherLogitCaching:
             images, target, index, view = batch
             return [*super().transfer_batch_to_device([images, target], device, dataloader_idx), index, view]
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+class DistillationHeadHooks:
+    """Mixin of the distillation modules: what they do with their ``head`` besides calling it.
+
+    * ``head.set_epoch(current_epoch)`` at the start of every training epoch (CTKD's curriculum follows the epoch);
+    * ``head.log_values()`` (device tensors, e.g. the learned temperature) logged per epoch as ``train/<name>``;
+    * the views: a head with ``views == 2`` (MLKD) trains on ``[weak, strong]`` images (the data's
+      ``strong_view``), any other head on one view; a mismatch is an error at fit start (or at the first step when
+      the data comes without a data module) naming the fix.
+    """
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.head.set_epoch(self.current_epoch)
+
+    def log_head_values(self) -> None:
+        # device tensors, reduced at the epoch's end only (sync_dist: an instance-wise temperature differs by rank)
+        for key, value in self.head.log_values().items():
+            self.log(f"train/{key}", value, on_step=False, on_epoch=True, sync_dist=True)
+
+    def views_error(self, two_views: bool) -> ValueError:
+        name = type(self.head).__name__
+        if not two_views:
+            return ValueError(f"{name} trains on two views of each image: set data.init_args.strong_view: true")
+        return ValueError(f"data.init_args.strong_view is true but the head {name} trains on one view of each image: "
+                          "set data.init_args.strong_view: false (the strong view would cost a second forward pass "
+                          "for nothing)")
+
+    def check_head_views(self) -> None:
+        """At fit start: the data module's ``strong_view`` must match ``head.views``."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        strong = getattr(datamodule, "strong_view", None)
+        if strong is not None and bool(strong) != (self.head.views == 2):
+            raise self.views_error(bool(strong))
+
+    def split_views(self, images) -> tuple[Tensor, Tensor | None]:
+        """``(weak, strong)`` of a two-view batch's images, ``(images, None)`` of a one-view batch."""
+        two = isinstance(images, (list, tuple))
+        if two != (self.head.views == 2):
+            raise self.views_error(two)
+        return (images[0], images[1]) if two else (images, None)
 
 
 def kd_warmup_scale(epoch: int, warmup_epochs: int) -> float:

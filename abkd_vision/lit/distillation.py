@@ -12,6 +12,16 @@ configurations, not subclasses.
 With ``teacher_cache`` (opt-in) the teacher's logits for every (training image, crop/flip view) are kept in a
 memory-mapped cache (:mod:`abkd_vision.teacher_cache`): the data module then yields
 ``(images, target, index, view)`` and the teacher runs only on views not cached yet.
+
+A head with two views (``head.views == 2``, MLKD) trains on the data's weak and strong view of each image
+(``data.init_args.strong_view: true``, batches ``([weak, strong], target, ...)``)::
+
+    loss = ce_weight * (CE(student(weak), y) + CE(student(strong), y))
+           + kd_weight * warmup(epoch) * head(student(weak), teacher(weak), y,
+                                              student_strong=student(strong), teacher_strong=teacher(strong))
+
+With the teacher cache the weak view's logits come from it; the strong view (RandAugment) always goes to the live
+teacher.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from torch import Tensor, nn
 from abkd_vision.heads import KD, DistillationHead
 from abkd_vision.heads.base import check_weight
 from abkd_vision.lit.classifier import ImageClassificationTask, mean_entropy
-from abkd_vision.lit.common import TeacherLogitCaching, count_correct, kd_warmup_scale
+from abkd_vision.lit.common import DistillationHeadHooks, TeacherLogitCaching, count_correct, kd_warmup_scale
 from abkd_vision.models import create_model, load_checkpoint
 from abkd_vision.teacher_cache import TeacherLogitCache, cache_key, cached_logits, check_dtype, teacher_sha256
 
@@ -69,7 +79,7 @@ class FrozenTeacher(nn.Module):
         return logits
 
 
-class DistillationModule(TeacherLogitCaching, ImageClassificationTask):
+class DistillationModule(DistillationHeadHooks, TeacherLogitCaching, ImageClassificationTask):
     """Distill ``teacher`` into ``student`` with a KD head.
 
     Args:
@@ -78,7 +88,10 @@ class DistillationModule(TeacherLogitCaching, ImageClassificationTask):
             checkpoint of ``ClassifierModule``); loaded strictly. Required for ``fit``.
         trusted_teacher_ckpt: allow full unpickling of ``teacher_ckpt`` (files from a trusted source only).
         num_classes: output classes of both networks; the CLI links it to ``data.num_classes``.
-        head: the KD head (KD with forward KL at T=4 when None).
+        head: the KD head (KD with forward KL at T=4 when None). Its learnable parameters (CTKD's learned
+            temperature) are trained with the student and saved in its checkpoints; its ``log_values()`` are
+            logged per epoch as ``train/<name>``. A two-view head (MLKD) needs ``data.init_args.strong_view: true``
+            and adds the strong view's CE (see the module docstring); a one-view head refuses strong-view data.
         ce_weight, kd_weight: weights of the two loss terms. ``kd_weight: 0`` is a CE-only baseline that keeps
             the teacher for evaluation and diagnostics but does not run it in training steps.
         kd_warmup_epochs: the KD term is scaled by min((epoch + 1) / kd_warmup_epochs, 1) (DKD uses 20; 0 = off).
@@ -145,17 +158,28 @@ class DistillationModule(TeacherLogitCaching, ImageClassificationTask):
     def kd_scale(self) -> float:
         return kd_warmup_scale(self.current_epoch, self.hparams.kd_warmup_epochs)
 
+    def cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
+        # fp32 losses under mixed precision: the heads upcast their inputs, CE gets float32 logits
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, target, *views = batch  # (images, target, index, view) when the teacher cache is on
-        student_logits = self(images)
-        # fp32 losses under mixed precision: the heads upcast their inputs, CE gets float32 logits
-        ce = F.cross_entropy(student_logits.float(), target, label_smoothing=self.hparams.label_smoothing)
+        weak, strong = self.split_views(images)  # images = [weak, strong] for a two-view head (MLKD)
+        student_logits = self(weak)
+        ce = self.cross_entropy(student_logits, target)
+        if strong is not None:
+            student_strong = self(strong)
+            ce = ce + self.cross_entropy(student_strong, target)  # MLKD applies CE to both views
         if self.kd_weight == 0:
             # A CE-only baseline through the same module (same data, RNG use and diagnostics as the KD arms):
             # the teacher is not needed for the loss, so it does not run.
             kd = ce.new_zeros(())
         else:
-            kd = self.head(student_logits, self.teacher(images, *views), target)
+            extra = {}
+            if strong is not None:  # the strong view is not cacheable: always the live teacher
+                extra = {"student_strong": student_strong, "teacher_strong": self.teacher(strong)}
+            kd = self.head(student_logits, self.teacher(weak, *views), target, **extra)
+            self.log_head_values()
         scale = self.kd_scale()
         loss = self.ce_weight * ce + self.kd_weight * scale * kd
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/kd": kd}, on_step=True, on_epoch=True,
@@ -174,6 +198,7 @@ class DistillationModule(TeacherLogitCaching, ImageClassificationTask):
                 "DistillationModule needs teacher weights to fit: set model.init_args.teacher_ckpt to a teacher "
                 "checkpoint (see checkpoints/README.md, or train one with configs/cifar100/teachers/)"
             )
+        self.check_head_views()
         if self.hparams.evaluate_teacher:
             self.teacher_val_acc1 = self.evaluate_teacher()
 

@@ -8,8 +8,13 @@ One training step (unlabeled training images of all classes, ``data.train_classe
     student_logits = student(images, text)                # prompted ViT-B/16 -> projector, cosine to the same text
     loss = kd_weight * warmup(epoch) * head(student_logits, teacher_logits, y)
 
-There is no cross-entropy: the images are used without labels. DKD's target/non-target split needs labels: it
-gets the ground-truth labels of the training images, as the reference code does (logged once at fit start).
+There is no cross-entropy: the images are used without labels. Heads that need labels (``head.uses_labels``: DKD's
+target/non-target split, NKD) get the ground-truth labels of the training images, as the reference code does for
+DKD (logged once at fit start).
+
+A two-view head (``head.views == 2``, MLKD) needs ``data.init_args.strong_view: true``: the student and the teacher
+then also score the strong view, passed to the head as ``student_strong``/``teacher_strong`` (with the teacher-logit
+cache the weak view's teacher logits come from it, the strong view's from the live teacher).
 At evaluation the student classifies base and new test images among their own classes with the slices of the
 teacher's text features.
 """
@@ -20,11 +25,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from abkd_vision.heads import DKD, KD, DistillationHead
+from abkd_vision.heads import KD, DistillationHead
 from abkd_vision.lit.base_to_new import BaseToNewTask
-from abkd_vision.lit.common import TeacherLogitCaching, count_correct, kd_warmup_scale
+from abkd_vision.lit.common import DistillationHeadHooks, TeacherLogitCaching, count_correct, kd_warmup_scale
 from abkd_vision.metrics import harmonic_mean
-from abkd_vision.models.clip import PromptedCLIP, PromptedImageStudent, TextFeatureCache, load_prompt_checkpoint
+from abkd_vision.models.clip import (
+    PromptedCLIP,
+    PromptedImageStudent,
+    TextFeatureCache,
+    load_prompt_checkpoint,
+    load_student_checkpoint,
+)
 from abkd_vision.teacher_cache import TeacherLogitCache, cache_key, cached_logits, check_dtype, sha256_weights
 
 __all__ = ["FrozenCLIPTeacher", "PromptDistillationModule"]
@@ -67,19 +78,24 @@ class FrozenCLIPTeacher(nn.Module):
         return logits
 
 
-class PromptDistillationModule(TeacherLogitCaching, BaseToNewTask):
+class PromptDistillationModule(DistillationHeadHooks, TeacherLogitCaching, BaseToNewTask):
     """Prompt distillation on base-to-new data.
 
     Args:
         student_arch, student_pretrained: the student CLIP (paper: ``ViT-B-16-quickgelu``, OpenAI weights).
         student_vision_tokens, student_vision_depth: its deep vision prompts (PromptKD: 4, 9).
+        student_ckpt: the student to start from or to evaluate (``run.py test``): a checkpoint of this module or a
+            PromptKD student (``<output_dir>/VLPromptLearner/model-best.pth.tar``: prompts, the 1x1-conv projector
+            with its BatchNorm statistics, logit scale and image tower; needs ``student_ckpt_trusted: true``).
         teacher_arch, teacher_pretrained: the teacher CLIP (paper: ``ViT-L-14-quickgelu``, OpenAI weights).
         teacher_ckpt: the teacher's prompts: a ``PromptTuningModule`` checkpoint or a PromptKD teacher
             (``model-best.pth.tar``, needs ``teacher_ckpt_trusted: true``). Required for ``fit``.
         teacher_prompt_prefix, teacher_text_depth, teacher_vision_tokens, teacher_vision_depth: the teacher's
             prompt layout (must match its checkpoint; PromptKD: "a photo of a", 9, 4, 9).
         head: the KD head (default ``KD(temperature=1)``, forward KL); any head and divergence of
-            :mod:`abkd_vision.heads` / :mod:`abkd_vision.losses`.
+            :mod:`abkd_vision.heads` / :mod:`abkd_vision.losses`. Its learnable parameters (CTKD's learned
+            temperature) are trained and checkpointed with the prompts; ``log_values()`` are logged per epoch as
+            ``train/<name>``; a two-view head (MLKD) needs ``data.init_args.strong_view: true``.
         kd_weight: lambda (our heads average over the batch, with T^2 where the head has it; see the README for
             the mapping from PromptKD's and ABKD's conventions).
         kd_warmup_epochs: the loss is scaled by min((epoch + 1) / kd_warmup_epochs, 1) (0 = off).
@@ -96,6 +112,7 @@ class PromptDistillationModule(TeacherLogitCaching, BaseToNewTask):
 
     def __init__(self, student_arch: str = "ViT-B-16-quickgelu", student_pretrained: str | None = "openai",
                  student_vision_tokens: int = 4, student_vision_depth: int = 9,
+                 student_ckpt: str | None = None, student_ckpt_trusted: bool = False,
                  teacher_arch: str = "ViT-L-14-quickgelu", teacher_pretrained: str | None = "openai",
                  teacher_ckpt: str | None = None, teacher_ckpt_trusted: bool = False,
                  teacher_prompt_prefix: str = "a photo of a", teacher_text_depth: int = 9,
@@ -120,6 +137,9 @@ class PromptDistillationModule(TeacherLogitCaching, BaseToNewTask):
         self.teacher = FrozenCLIPTeacher(teacher, text_cache_dir)
         self.student = PromptedImageStudent(student_arch, student_pretrained, teacher.embed_dim,
                                             student_vision_tokens, student_vision_depth)
+        self.student_metadata: dict = {}
+        if student_ckpt is not None:
+            self.student_metadata = load_student_checkpoint(self.student, student_ckpt, trusted=student_ckpt_trusted)
         self.head = head if head is not None else KD(temperature=1.0)
         self.kd_weight = float(kd_weight)
         self.teacher_result: dict | None = None
@@ -167,9 +187,10 @@ class PromptDistillationModule(TeacherLogitCaching, BaseToNewTask):
                 "teacher checkpoint (train one with configs/base_to_new/teacher/<dataset>.yaml, or use PromptKD's "
                 "released model-best.pth.tar with teacher_ckpt_trusted: true)"
             )
-        if isinstance(self.head, DKD):
-            rank_zero_info("DKD splits target and non-target classes: it uses the ground-truth labels of the "
-                           "training images (as the reference code does); the other heads use no label")
+        self.check_head_views()
+        if self.head.uses_labels:
+            rank_zero_info(f"{type(self.head).__name__} needs labels: it uses the ground-truth labels of the training "
+                           "images (as the reference code does for DKD); heads that need no label use none")
         if self.hparams.evaluate_teacher:
             self.teacher_result = self.evaluate_teacher()
 
@@ -197,14 +218,19 @@ class PromptDistillationModule(TeacherLogitCaching, BaseToNewTask):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, target, *views = batch  # (images, target, index, epoch) with the teacher-logit cache
+        weak, strong = self.split_views(images)  # images = [weak, strong] for a two-view head (MLKD)
         text = self.teacher.text_features(self.class_names)  # one cache lookup serves both networks
-        teacher_logits = self.teacher.training_logits(images, text, *views)
-        student_logits = self.student(images, text)
-        kd = self.head(student_logits, teacher_logits, target)
+        teacher_logits = self.teacher.training_logits(weak, text, *views)
+        student_logits = self.student(weak, text)
+        extra = {}
+        if strong is not None:  # the strong view is not cacheable: always the live teacher
+            extra = {"student_strong": self.student(strong, text), "teacher_strong": self.teacher.logits(strong, text)}
+        kd = self.head(student_logits, teacher_logits, target, **extra)
         scale = self.kd_scale()
         loss = self.kd_weight * scale * kd
         self.log_dict({"train/loss": loss, "train/kd": kd}, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/kd_scale", scale, on_step=False, on_epoch=True)
+        self.log_head_values()
         if views:
             self.log_cache_hit_rate(self.teacher.last_hit_rate, target.shape[0])
         return self.guard_loss(loss, kd=kd)
