@@ -24,8 +24,9 @@ def looks_like_parser_report(text: str) -> bool:
 # What a user may put at a class_path, by the key it sits under (short names work once the package is imported).
 CLASS_CHOICES = {
     "head": "abkd_vision.heads.KD, DKD, LSD, TTM, DIST, NKD, MLKD",
+    "learned_temperature": "abkd_vision.heads.CurriculumTemperature (CTKD; or null for the head's fixed temperature)",
     "divergence": ("abkd_vision.losses.AlphaBetaDivergence, ForwardKL, ReverseKL, AlphaDivergence, BetaDivergence, "
-                   "HellingerDistance, SquaredEuclidean, WeightedKL, JensenShannon"),
+                   "Hellinger, SquaredEuclidean, WeightedKL, JensenShannon"),
     "model": ("abkd_vision.lit.ClassifierModule, DistillationModule, PromptTuningModule, "
               "PromptDistillationModule"),
     "data": "abkd_vision.data.CIFAR100DataModule, ImageFolderDataModule, BaseToNewDataModule",
