@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench demo study clean
+.PHONY: install test lint bench demo study docs clean
 
 install: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch torchvision
-	$(PY) -m pip install --quiet -e ".[dev,demo]"
+	$(PY) -m pip install --quiet -e ".[dev,demo,docs]"
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -33,5 +33,10 @@ demo: $(STAMP)
 study: $(STAMP)
 	$(PY) -m abkd_vision.study
 
+# the documentation site (mkdocs.yml, docs/) into site/; strict: a broken link, a missing reference or a docstring
+# the API reference cannot read fails
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

@@ -256,6 +256,13 @@ class DistillationCLI(LightningCLI):
         config["ckpt_path"] = str(ckpt)
 
 
+    def after_fit(self) -> None:
+        """With a held-out val split, test on the test split (last and best held-out epoch; results.json)."""
+        from abkd_vision.protocol import final_test
+
+        final_test(self.trainer, self.model, self.datamodule)
+
+
 def refuse_empty_plan(trainer: Trainer) -> None:
     """A fit that would take no optimiser step is an error before anything runs."""
     if trainer.max_epochs == 0:
@@ -276,7 +283,9 @@ def durable_callbacks() -> list[Callback]:
     return [ResumeCheckpoint()]
 
 
-def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> DistillationCLI:
+def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True,
+         prog: str | None = None) -> DistillationCLI:
+    """The CLI on ``args`` (default: the command line); ``prog`` is the program name its help shows."""
     return DistillationCLI(
         LightningModule,
         LightningDataModule,
@@ -286,7 +295,7 @@ def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = 
         trainer_defaults={"callbacks": [RecordVersions(), ExactResume(required=False)]},
         save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": exit_on_error},
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": exit_on_error, **({"prog": prog} if prog else {})},
         args=args,
         run=run,
     )
@@ -297,9 +306,10 @@ _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErr
                 ImportError)
 
 
-def run(args: list[str] | None = None) -> int:
+def run(args: list[str] | None = None, prog: str | None = None) -> int:
     """``run.py``: the CLI, with a bad input reported as one message printed last (exit code 2 for invalid
-    arguments, 1 for errors found later). ``ABKD_DEBUG=1`` shows the full report and traceback instead."""
+    arguments, 1 for errors found later). ``ABKD_DEBUG=1`` shows the full report and traceback instead.
+    ``prog`` is how the program was called (``run.py``, ``abkd``), for the help and the messages."""
     from jsonargparse import ArgumentError
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -309,12 +319,12 @@ def run(args: list[str] | None = None) -> int:
 
     debug = bool(os.environ.get("ABKD_DEBUG"))
     try:
-        main(args, exit_on_error=debug)
+        main(args, exit_on_error=debug, prog=prog)
     except ArgumentError as err:
         text = summarize_parser_error(str(err))
         if "Problems parsing config" in text:
             text = _unparsable_configs(args if args is not None else sys.argv[1:]) or text
-        print(f"error: invalid arguments\n{text}\n(run.py fit --help lists the options; "
+        print(f"error: invalid arguments\n{text}\n({prog or 'run.py'} fit --help lists the options; "
               "ABKD_DEBUG=1 shows the parser's full report)", file=sys.stderr)
         return 2
     except SIGTERMException as err:  # a stop signal: last.ckpt and results.json are written
