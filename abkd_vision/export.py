@@ -1,4 +1,8 @@
-"""Export a distilled (or any trained) CIFAR-zoo network: a plain state dict and ONNX, verified and measured.
+"""Export a distilled (or any trained) network: a plain state dict and ONNX, verified and measured.
+
+CLIP checkpoints (``PromptDistillationModule``, ``PromptTuningModule``) are exported by :mod:`abkd_vision.clip_export`
+(an image classifier with the teacher's class vectors baked in; ``--classes``, ``--base-only``, ``--new-only``); the
+CIFAR zoo as follows.
 
     python run.py export --ckpt runs/abkd/resnet32x4-resnet8x4/version_0/checkpoints/last.ckpt \\
         --images data/my_dataset --out exports/resnet8x4
@@ -34,19 +38,15 @@ from torch import nn
 from abkd_vision.io import atomic_write
 from abkd_vision.models import create_model, load_checkpoint, resolve_model_name
 
-__all__ = ["export_network", "main", "network_from_checkpoint"]
+__all__ = ["export_network", "main", "network_from_checkpoint", "read_checkpoint"]
 
 
 class ExportError(ValueError):
     """An export that cannot be done as asked (bad checkpoint, mismatch beyond tolerance, ...)."""
 
 
-def network_from_checkpoint(path: str | Path, trusted: bool = False) -> tuple[nn.Module, dict]:
-    """The trained network of a suite checkpoint and what is known about it: ``(network, info)``.
-
-    ``info`` holds ``model`` (registered name), ``num_classes``, ``image_size`` and, for a distilled student,
-    ``teacher`` / ``teacher_ckpt`` as recorded in its hyper-parameters.
-    """
+def read_checkpoint(path: str | Path, trusted: bool = False) -> dict:
+    """A suite Lightning checkpoint read on the CPU (``weights_only`` unless ``trusted``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; pass the run's checkpoints/last.ckpt (or best-*.ckpt)")
@@ -55,11 +55,29 @@ def network_from_checkpoint(path: str | Path, trusted: bool = False) -> tuple[nn
     except Exception as err:  # noqa: BLE001 -- unpickling and zip errors alike get one message
         raise ExportError(f"cannot read {path}: {str(err).splitlines()[0]} (a suite Lightning checkpoint is "
                           "expected; trusted=True unpickles other objects)") from None
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    return ckpt if isinstance(ckpt, dict) else {}
+
+
+def _unsupported(path: str | Path, hp: dict) -> ExportError:
+    from abkd_vision.clip_export import SUPPORTED_MODULES
+
+    return ExportError(f"{path} is not a checkpoint export supports (its hyper_parameters have the keys "
+                       f"{sorted(hp) or 'none'}): export works on Lightning checkpoints of {SUPPORTED_MODULES}. "
+                       "A PromptKD student (model-best.pth.tar) loads into PromptDistillationModule with "
+                       "student_ckpt; export that module's checkpoint.")
+
+
+def network_from_checkpoint(path: str | Path, trusted: bool = False) -> tuple[nn.Module, dict]:
+    """The trained network of a suite checkpoint and what is known about it: ``(network, info)``.
+
+    ``info`` holds ``model`` (registered name), ``num_classes``, ``image_size`` and, for a distilled student,
+    ``teacher`` / ``teacher_ckpt`` as recorded in its hyper-parameters.
+    """
+    ckpt = read_checkpoint(path, trusted)
+    hp = ckpt.get("hyper_parameters", {}) or {}
     name = hp.get("student") or hp.get("model")
     if not isinstance(name, str):
-        raise ExportError(f"{path} records no CIFAR-zoo network name in its hyper_parameters (found keys "
-                          f"{sorted(hp)}); export works on checkpoints of DistillationModule and ClassifierModule")
+        raise _unsupported(path, hp)
     info = {"model": resolve_model_name(name), "num_classes": int(hp.get("num_classes", 100)),
             "teacher": hp.get("teacher") if "student" in hp else None, "teacher_ckpt": hp.get("teacher_ckpt")}
     net = create_model(name, num_classes=info["num_classes"], **(hp.get("student_kwargs") or hp.get("model_kwargs")
@@ -68,15 +86,16 @@ def network_from_checkpoint(path: str | Path, trusted: bool = False) -> tuple[nn
     return net.eval(), info
 
 
-def _load_images(source: str | Path | None, image_size: int, limit: int = 64) -> torch.Tensor | None:
-    """Up to ``limit`` evaluation images as the CIFAR eval transform gives them (``[N, 3, S, S]``)."""
+def _load_images(source: str | Path | None, image_size: int, limit: int = 64, transform=None) -> torch.Tensor | None:
+    """Up to ``limit`` evaluation images as ``transform`` (default: the CIFAR eval transform) gives them
+    (``[N, 3, S, S]``)."""
     if source is None:
         return None
     from PIL import Image
 
     from abkd_vision.data.transforms import cifar_eval_transform
 
-    transform = cifar_eval_transform(image_size)
+    transform = transform or cifar_eval_transform(image_size)
     source = Path(source)
     if source.suffix == ".npz":
         arrays = np.load(source)["images"][:limit]
@@ -89,12 +108,13 @@ def _load_images(source: str | Path | None, image_size: int, limit: int = 64) ->
     return torch.stack([transform(Image.open(p)) for p in files[::step][:limit]])
 
 
-def _latency_ms(fn, batch: torch.Tensor, repeats: int = 20) -> float:
+def _latency_ms(fn, batch: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time (ms) of ``fn(batch)`` over ``repeats`` calls after ``warmup`` untimed ones."""
     times = []
-    for i in range(repeats + 3):
+    for i in range(repeats + warmup):
         start = time.perf_counter()
         fn(batch)
-        if i >= 3:
+        if i >= warmup:
             times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
@@ -161,17 +181,55 @@ def export_network(net: nn.Module, info: dict, out: str | Path, images: torch.Te
     return report
 
 
+def _hparam(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run.py export", description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint of DistillationModule or ClassifierModule")
+    parser.add_argument("--ckpt", required=True, help="checkpoint of DistillationModule or ClassifierModule (CIFAR "
+                        "zoo), PromptDistillationModule or PromptTuningModule (CLIP)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--images", help="ImageFolder root (its test split) or .npz of uint8 images to check on")
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--images", help="images to check the ONNX model on: an ImageFolder root (its test split; "
+                        "for CLIP any folder of images, e.g. a dataset root) or an .npz of uint8 images")
+    parser.add_argument("--image-size", type=int, default=32, help="CIFAR input size (CLIP: the model's own)")
     parser.add_argument("--atol", type=float, default=1e-4)
-    parser.add_argument("--teacher-ckpt", help="the teacher's weights, for the size/latency comparison")
+    parser.add_argument("--teacher-ckpt", help="CIFAR: the teacher's weights, for the size/latency comparison; "
+                        "CLIP: the teacher's prompts if the recorded teacher_ckpt (init_ckpt) moved")
     parser.add_argument("--trusted", action="store_true", help="allow full unpickling (trusted files only)")
+    clip = parser.add_argument_group("CLIP checkpoints")
+    which = clip.add_mutually_exclusive_group()
+    which.add_argument("--classes", help="a file of class names (one per line, or a JSON list): their class vectors "
+                       "come from the teacher's prompted text tower now (open vocabulary)")
+    which.add_argument("--base-only", action="store_true", help="only the dataset's base classes")
+    which.add_argument("--new-only", action="store_true", help="only the dataset's new classes")
+    clip.add_argument("--hparam", action="append", type=_hparam, default=[], metavar="KEY=VALUE",
+                      help="replace a recorded hyper-parameter of the module, e.g. teacher_pretrained=/w/ViT-L-14.pt "
+                      "(repeatable; VALUE is YAML)")
+    clip.add_argument("--latency-repeats", type=int, default=10, help="timed calls per latency figure")
     args = parser.parse_args(argv)
     try:
+        from abkd_vision import clip_export
+
+        ckpt = read_checkpoint(args.ckpt, trusted=args.trusted)
+        hp = ckpt.get("hyper_parameters", {}) or {}
+        if clip_export.clip_module_kind(hp) is not None:
+            classes = clip_export.read_class_names(args.classes) if args.classes else None
+            report = clip_export.export_clip(args.ckpt, args.out, args.images, classes, args.base_only, args.new_only,
+                                             args.atol, args.trusted, args.teacher_ckpt, dict(args.hparam),
+                                             args.latency_repeats, ckpt=ckpt)
+            clip_export.print_report(report, Path(args.out))
+            return 0
+        if not isinstance(hp.get("student") or hp.get("model"), str):
+            raise _unsupported(args.ckpt, hp)
+        if args.classes or args.base_only or args.new_only or args.hparam:
+            raise ExportError("--classes, --base-only, --new-only and --hparam apply to CLIP checkpoints "
+                              f"(PromptDistillationModule, PromptTuningModule); {args.ckpt} is a CIFAR-zoo checkpoint")
         net, info = network_from_checkpoint(args.ckpt, trusted=args.trusted)
         teacher = None
         teacher_ckpt = args.teacher_ckpt or info.get("teacher_ckpt")

@@ -120,18 +120,19 @@ class PromptTuningModule(BaseToNewTask):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, target = batch
         hp = self.hparams
+        # features in the model's dtype (bf16/fp16 under *-true precision); every loss term in fp32
         text = self.model.encode_text(self.train_names)
         image = self.model.encode_image(images)
-        logits = self.model.logit_scale() * image @ text.t()
+        logits = (self.model.logit_scale() * image @ text.t()).float()
         ce = F.cross_entropy(logits, target)
         terms = {"ce": ce}
         if hp.scl_image_weight > 0 or hp.scl_text_weight > 0 or hp.scl_logits_weight > 0:
             if self._zs_text is None:
                 self._zs_text = self.model.zero_shot_text_features(self.train_names, self.templates)
             zs_image = self.model.zero_shot_image_features(images)
-            zs_logits = self.model.logit_scale() * zs_image @ self._zs_text.t()
-            terms["scl_image"] = F.l1_loss(image, zs_image)
-            terms["scl_text"] = F.l1_loss(text, self._zs_text)
+            zs_logits = (self.model.logit_scale() * zs_image @ self._zs_text.t().to(zs_image.dtype)).float()
+            terms["scl_image"] = F.l1_loss(image.float(), zs_image.float())
+            terms["scl_text"] = F.l1_loss(text.float(), self._zs_text.float())
             terms["scl_logits"] = self.logits_consistency(logits, zs_logits, target) / logits.shape[1]
         loss = ce + sum(getattr(hp, f"{k}_weight") * v for k, v in terms.items() if k != "ce")
         self.log_dict({"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}}, on_step=True,

@@ -5,7 +5,11 @@
 * :class:`PromptedImageStudent`: the student, a prompted image encoder + projector classifying with the
   teacher's text features (PromptKD).
 * :class:`TextFeatureCache`: the teacher's text features, computed once per weights and class list.
-* :func:`load_prompt_checkpoint`: prompts from this suite's checkpoints or PromptKD's released teachers.
+* :func:`load_prompt_checkpoint`: prompts from this suite's checkpoints or PromptKD's released teachers;
+  :func:`load_student_checkpoint`: students from this suite's checkpoints or PromptKD's released students.
+* :class:`CLIPImageClassifier`: the deployable classifier (image tower + baked class vectors) ``run.py export``
+  writes; :func:`load_clip_classifier` reads an export folder back.
+* :func:`register_clip_config`: a custom open_clip architecture from a JSON file or a dict.
 
 Importing this package registers the tiny test architectures of ``model_configs/`` (``abkd-tiny-vit*``) with
 open_clip; they exist for CPU tests and smoke runs, not for results.
@@ -21,8 +25,17 @@ from abkd_vision.models.clip.builder import (
     convert_openai_archive,
     get_tokenizer,
     read_clip_state_dict,
+    register_clip_config,
+    resolve_arch,
 )
-from abkd_vision.models.clip.checkpoint import load_prompt_checkpoint, map_promptkd_state_dict, plain_clip_key
+from abkd_vision.models.clip.checkpoint import (
+    load_prompt_checkpoint,
+    load_student_checkpoint,
+    map_promptkd_state_dict,
+    map_promptkd_student_state_dict,
+    plain_clip_key,
+)
+from abkd_vision.models.clip.classifier import CLIPImageClassifier, load_clip_classifier
 from abkd_vision.models.clip.prompts import (
     add_text_prompts,
     add_vision_prompts,
@@ -38,6 +51,7 @@ if not any(Path(str(p)) == _CONFIGS for p in open_clip.factory._MODEL_CONFIG_PAT
     open_clip.add_model_config(_CONFIGS)
 
 __all__ = [
+    "CLIPImageClassifier",
     "CLIPWeightsError",
     "PromptedCLIP",
     "TextFeatureCache",
@@ -49,11 +63,16 @@ __all__ = [
     "clean_class_name",
     "convert_openai_archive",
     "get_tokenizer",
+    "load_clip_classifier",
     "load_prompt_checkpoint",
+    "load_student_checkpoint",
     "map_promptkd_state_dict",
+    "map_promptkd_student_state_dict",
     "plain_clip_key",
     "prompt_parameters",
     "prompts_disabled",
     "read_clip_state_dict",
+    "register_clip_config",
+    "resolve_arch",
     "weights_fingerprint",
 ]

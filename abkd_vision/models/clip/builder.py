@@ -12,15 +12,21 @@ Weights (``pretrained``):
 * ``None``: random weights (tests, or weights loaded later).
 
 OpenAI's CLIPs were trained with QuickGELU. open_clip's ``ViT-B-16`` config uses nn.GELU, so OpenAI weights in it
-run, but lose accuracy without any error. Here that mismatch is an error naming the ``-quickgelu`` config. A
-TorchScript archive is always OpenAI's; a safetensors file can declare ``quick_gelu`` in its metadata (the
-:func:`convert_openai_archive` helper writes it); for a plain state dict nothing can be checked.
+run, but lose accuracy without any error. Here that mismatch is an error naming the ``-quickgelu`` config when
+open_clip has one, and otherwise saying to set ``quick_gelu`` in the model config. A TorchScript archive is always
+OpenAI's; a safetensors file can declare ``quick_gelu`` in its metadata (the :func:`convert_openai_archive` helper
+writes it); for a plain state dict nothing can be checked.
+
+Custom architectures: register an open_clip model config (a JSON file, a folder of them, or a dict) with
+``open_clip.add_model_config`` before building (see the README), then pass its name as ``arch``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -37,6 +43,8 @@ __all__ = [
     "convert_openai_archive",
     "get_tokenizer",
     "read_clip_state_dict",
+    "register_clip_config",
+    "resolve_arch",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,61 @@ class CLIPWeightsError(CheckpointError):
     """CLIP weights that do not fit the requested architecture, or that cannot be found."""
 
 
+_REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+_DICT_CONFIG_DIR: Path | None = None  # where configs given as dicts are written (one folder per process)
+
+
+def register_clip_config(config: str | os.PathLike | dict, name: str | None = None) -> str:
+    """Register an open_clip model config and return its architecture name.
+
+    Args:
+        config: a JSON file (registered under its file name without ``.json``, as open_clip names configs) or a
+            dict in open_clip's config format (``embed_dim``, ``vision_cfg``, ``text_cfg``, optional
+            ``quick_gelu``; see the JSON files of ``open_clip/model_configs/``).
+        name: the architecture name for a dict (required then); for a file it must be the file's stem if given.
+
+    Both go through ``open_clip.add_model_config``; a dict is written to a JSON file of a per-process temporary
+    folder first (open_clip registers files, not dicts), so a later rescan by open_clip keeps it.
+    """
+    global _DICT_CONFIG_DIR
+    if isinstance(config, dict):
+        if not name:
+            raise ValueError("register_clip_config(dict) needs name=<architecture name>")
+        cfg, source = config, f"the config dict for {name!r}"
+    else:
+        path = Path(config).expanduser()
+        if not path.is_file() or path.suffix != ".json":
+            raise FileNotFoundError(f"open_clip model config not found: {path} (a .json file is expected)")
+        if name is not None and name != path.stem:
+            raise ValueError(f"open_clip names a config file by its stem: {path} registers {path.stem!r}, not "
+                             f"{name!r}; rename the file")
+        name, source = path.stem, str(path)
+        try:
+            cfg = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path} is not a JSON open_clip model config: {err}") from None
+    missing = [k for k in _REQUIRED_CONFIG_KEYS if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ValueError(f"{source} is no open_clip model config: it lacks {', '.join(missing)} (open_clip would "
+                         "skip it silently); see open_clip's model_configs/*.json for the format")
+    if isinstance(config, dict):
+        if _DICT_CONFIG_DIR is None:
+            _DICT_CONFIG_DIR = Path(tempfile.mkdtemp(prefix="abkd-clip-configs-"))
+        path = _DICT_CONFIG_DIR / f"{name}.json"
+        path.write_text(json.dumps(cfg, indent=2))
+    if open_clip.get_model_config(name) != cfg or not any(Path(str(p)) == path
+                                                          for p in open_clip.factory._MODEL_CONFIG_PATHS):
+        open_clip.add_model_config(path)
+    return name
+
+
+def resolve_arch(arch: str) -> str:
+    """``arch`` itself, or for the path of a ``.json`` model config the name it is registered under."""
+    if isinstance(arch, (str, os.PathLike)) and str(arch).endswith(".json"):
+        return register_clip_config(arch)
+    return arch
+
+
 def _check_arch(arch: str) -> dict:
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
@@ -57,7 +120,8 @@ def _check_arch(arch: str) -> dict:
         raise ValueError(
             f"unknown open_clip architecture {arch!r}; e.g. {', '.join(hint)} "
             f"(all {len(names)}: open_clip.list_models()). The paper's pair is ViT-L-14-quickgelu (teacher) and "
-            "ViT-B-16-quickgelu (student)."
+            "ViT-B-16-quickgelu (student). A custom architecture: pass the path of its .json model config, or "
+            "register it first (open_clip.add_model_config / abkd_vision.models.clip.register_clip_config)."
         )
     text_cfg = cfg.get("text_cfg", {})
     if cfg.get("custom_text") or "hf_model_name" in text_cfg or "multimodal_cfg" in cfg:
@@ -68,21 +132,33 @@ def _check_arch(arch: str) -> dict:
     return cfg
 
 
-def _quickgelu_name(arch: str, quick_gelu: bool) -> str:
+def _quickgelu_variant(arch: str, quick_gelu: bool) -> str | None:
+    """The registered open_clip architecture that is ``arch`` with (or without) QuickGELU, or None.
+
+    open_clip registers ``<name>-quickgelu`` twins for its OpenAI-style configs only; a custom config has none
+    unless one was registered (then its ``quick_gelu`` flag must say so)."""
     base = arch[: -len("-quickgelu")] if arch.endswith("-quickgelu") else arch
-    return f"{base}-quickgelu" if quick_gelu else base
+    name = f"{base}-quickgelu" if quick_gelu else base
+    if name == arch:
+        return None
+    cfg = open_clip.get_model_config(name)
+    return name if cfg is not None and bool(cfg.get("quick_gelu", False)) == quick_gelu else None
 
 
 def _check_quickgelu(arch: str, cfg: dict, weights_quick_gelu: bool | None, source: str) -> None:
     if weights_quick_gelu is None:
         return
     if bool(cfg.get("quick_gelu", False)) != weights_quick_gelu:
-        want = _quickgelu_name(arch, weights_quick_gelu)
+        want = _quickgelu_variant(arch, weights_quick_gelu)
         act = "QuickGELU" if weights_quick_gelu else "GELU"
+        fix = (f"Use the architecture {want!r} instead." if want is not None else
+               f"open_clip has no {act} variant of {arch!r}: set \"quick_gelu\": "
+               f"{'true' if weights_quick_gelu else 'false'} in its model config (the JSON file or dict registered "
+               "with open_clip.add_model_config, see the README) and register it under its own name.")
         raise CLIPWeightsError(
             f"{source} were trained with {act} but architecture {arch!r} uses "
             f"{'QuickGELU' if cfg.get('quick_gelu') else 'GELU'}: the model would run with a silent loss of "
-            f"accuracy. Use the architecture {want!r} instead."
+            f"accuracy. {fix}"
         )
 
 
@@ -156,7 +232,8 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
     """An open_clip ``CLIP`` with its weights loaded, frozen (``requires_grad=False``) and in eval mode.
 
     Args:
-        arch: open_clip architecture, e.g. ``"ViT-B-16-quickgelu"`` (``open_clip.list_models()``).
+        arch: open_clip architecture, e.g. ``"ViT-B-16-quickgelu"`` (``open_clip.list_models()``), or the path
+            of a ``.json`` model config (registered under its file name, :func:`register_clip_config`).
         pretrained: an open_clip tag, a local weights file, or None for random weights.
         cache_dir: where open_clip caches downloaded weights (tags only).
 
@@ -166,6 +243,7 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
             (names the config to use), or a tag cannot be fetched (says how to use a local file).
         FileNotFoundError: ``pretrained`` is neither a tag nor an existing file.
     """
+    arch = resolve_arch(arch)
     cfg = _check_arch(arch)
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if pretrained is not None and pretrained in tags:
@@ -202,7 +280,7 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
 
 def get_tokenizer(arch: str):
     """open_clip's tokenizer for ``arch`` (OpenAI BPE for CLIP text towers: bundled with open_clip, offline)."""
-    return open_clip.get_tokenizer(arch)
+    return open_clip.get_tokenizer(resolve_arch(arch))
 
 
 def convert_openai_archive(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

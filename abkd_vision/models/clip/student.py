@@ -8,6 +8,7 @@ only need the teacher's text features. Trainable: the vision prompts and the pro
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -52,12 +53,19 @@ class PromptedImageStudent(nn.Module):
         self.visual.eval()  # frozen tower; only the projector's BatchNorm follows the mode
         return self
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the projector (and, under ``bf16-true``/``16-true``, of the whole student)."""
+        return self.projector[0].weight.dtype
+
     def encode_image(self, images: Tensor) -> Tensor:
-        return F.normalize(self.projector(self.visual(images).float()), dim=-1)
+        # images in the tower's dtype, its features in the projector's: one dtype each, whatever the precision
+        visual = self.visual(images.to(self.visual.conv1.weight.dtype))
+        return F.normalize(self.projector(visual.to(self.dtype)), dim=-1)
 
     def logit_scale(self) -> Tensor:
         return self.logit_scale_log.exp()
 
     def forward(self, images: Tensor, text_features: Tensor) -> Tensor:
         features = self.encode_image(images)
-        return self.logit_scale() * features @ text_features.t().type_as(features)
+        return self.logit_scale().to(features.dtype) * features @ text_features.t().to(features.dtype)

@@ -92,14 +92,19 @@ class PromptedCLIP(nn.Module):
         texts = [template.format(n) if template else f"{self.prompt_prefix} {n}." for n in names]
         return self.tokenizer(texts)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the CLIP's weights (float32, or bfloat16/float16 under ``bf16-true``/``16-true``)."""
+        return self.clip.visual.conv1.weight.dtype
+
     def encode_text(self, class_names: list[str]) -> Tensor:
         """Prompted, L2-normalised text features ``[C, D]`` of the classes."""
         tokens = self.tokenize(class_names).to(self.clip.positional_embedding.device)
         return self.clip.encode_text(tokens, normalize=True)
 
     def encode_image(self, images: Tensor) -> Tensor:
-        """Prompted, L2-normalised image features ``[B, D]``."""
-        return self.clip.encode_image(images, normalize=True)
+        """Prompted, L2-normalised image features ``[B, D]`` in the model's dtype (images are cast to it)."""
+        return self.clip.encode_image(images.to(self.dtype), normalize=True)
 
     @torch.no_grad()
     def zero_shot_text_features(self, class_names: list[str],
@@ -113,10 +118,12 @@ class PromptedCLIP(nn.Module):
 
     def zero_shot_image_features(self, images: Tensor) -> Tensor:
         with torch.no_grad(), prompts_disabled(self.clip):
-            return self.clip.encode_image(images, normalize=True)
+            return self.clip.encode_image(images.to(self.dtype), normalize=True)
 
     def logit_scale(self) -> Tensor:
         return self.clip.logit_scale.exp()
 
     def forward(self, images: Tensor, text_features: Tensor) -> Tensor:
-        return self.logit_scale() * self.encode_image(images) @ text_features.t()
+        """Logits ``[B, C]`` in the model's dtype (the text features are cast to it; losses upcast them)."""
+        features = self.encode_image(images)
+        return self.logit_scale().to(features.dtype) * features @ text_features.t().to(features.dtype)
