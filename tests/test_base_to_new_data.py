@@ -276,7 +276,10 @@ def test_eval_split_val_uses_the_val_images(tmp_path):
     dm.setup("validate")
     assert [len(loader.dataset) for loader in dm.val_dataloader()] == [2, 2]
     assert all("/val_" in path for group in dm.eval_sets for path, _ in group.items)
-    assert [_labels(loader) for loader in dm.test_dataloader()] == [[0, 1], [0, 1]]
+    assert dm.test_sets is None and dm.val_is == "CoOp val split (held out)"  # the test split is not listed
+    dm.setup("test")  # test/* reads the test split whatever eval_split says
+    assert [sorted(_labels(loader)) for loader in dm.test_dataloader()] == [[0, 0, 0, 1, 1, 1]] * 2
+    assert not any("/val_" in path for group in dm.test_sets for path, _ in group.items)
 
 
 def test_eval_split_val_without_val_images_is_an_error_not_the_test_set(tmp_path):

@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from abkd_vision.data.splits import PAPER_PROTOCOL, ValSplit, held_out_split, write_split_record
 from abkd_vision.data.transforms import IndexedViews, strong_view_transform, with_strong_view
 
 
@@ -142,6 +143,8 @@ class ClassificationDataModule(L.LightningDataModule):
     # The two-view option (MLKD): training samples are ((weak, strong), target, ...), see init_strong_view.
     strong_view: bool = False
     strong_transform = None
+    # Device-resident data (abkd_vision.data.device), see init_on_device.
+    on_device: bool = False
 
     def init_strong_view(self, strong_view: bool, strong_transform=None) -> None:
         """Subclasses call it after setting ``train_transform``. With ``strong_view`` every *training* sample is
@@ -159,9 +162,59 @@ class ClassificationDataModule(L.LightningDataModule):
         if strong_view:
             self.strong_transform = strong_transform or strong_view_transform(self.train_transform)
 
+    def init_on_device(self, on_device: bool, unsupported: dict[str, bool]) -> None:
+        """Subclasses call it last in ``__init__``. With ``on_device`` every split is decoded once into a uint8
+        tensor on the training device and the loaders yield index batches that the suite's modules turn into images
+        there (:mod:`abkd_vision.data.device`): the views of the host path's seeded stream, bit for bit.
+        ``unsupported`` names the options in use that the device path does not implement (an error)."""
+        if not isinstance(on_device, bool):
+            raise ValueError(f"on_device must be true or false, got {on_device!r}")
+        self.on_device = on_device
+        if not on_device:
+            return
+        found = [name for name, used in unsupported.items() if used]
+        if self.strong_view:
+            found.append("strong_view: true (RandAugment)")
+        if self.train_views is None and not found:
+            found.append("this training transform")
+        if found:
+            views = self.train_views
+            what = (f"pad {views.padding} + random crop{' + horizontal flip' if views.hflip else ''}"
+                    if views is not None else "pad + random crop + horizontal flip")
+            raise ValueError(f"data.init_args.on_device: true does not implement {' or '.join(found)}: the device "
+                             f"path does the default augmentation only ({what} + normalise); set "
+                             "data.init_args.on_device: false (the host path) or drop it")
+
     def teacher_views(self):
         """The view-naming form of the training augmentation (None if it has none)."""
         return self.train_views
+
+    # -- the held-out validation split (``val_split``; abkd_vision.data.splits) ------------------------------------
+    # Set in setup by the subclasses that offer val_split: the drawn split (None without one).
+    val_holdout: ValSplit | None = None
+    # What the val loader reads, as the run records say it (results.json's protocol.val_is).
+    val_is: str = PAPER_PROTOCOL
+
+    def hold_out(self, dataset: Dataset, labels, dataset_name: str, entries=None) -> tuple[Dataset, Dataset]:
+        """``(training part, held-out part)`` of ``dataset`` by ``val_split``/``val_split_seed``/``val_split_file``:
+        stratified per class, recorded in the run folder's ``val_split.json``. The held-out part reads the same images
+        with ``eval_transform`` (a shallow copy: no image data is duplicated)."""
+        import copy
+
+        from torch.utils.data import Subset
+
+        hp = self.hparams
+        split = held_out_split(labels, hp.val_split, hp.val_split_seed, dataset_name, entries, self.class_names,
+                               hp.val_split_file)
+        self.val_holdout = split
+        write_split_record(self.trainer, split)
+        held = copy.copy(dataset)
+        held.transform = self.eval_transform
+        if hasattr(held, "transforms"):  # torchvision's VisionDataset keeps both
+            from torchvision.datasets.vision import StandardTransform
+
+            held.transforms = StandardTransform(self.eval_transform, getattr(held, "target_transform", None))
+        return Subset(dataset, split.train_indices), Subset(held, split.val_indices)
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
@@ -169,6 +222,10 @@ class ClassificationDataModule(L.LightningDataModule):
         hp = self.hparams
         if train:
             check_train_batches(len(dataset), hp.batch_size, hp.drop_last, _world_size(self))
+        if self.on_device:
+            from abkd_vision.data.device import device_loader
+
+            return device_loader(self, dataset, train)
         if train and self.exact_resume:
             return resumable_loader(self, dataset, hp.batch_size, hp.drop_last, hp.num_workers, hp.pin_memory)
         return make_dataloader(
@@ -181,6 +238,8 @@ class ClassificationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.on_device:  # index batches; view ids come with them when return_views is set
+            return self._loader(self.train_set, train=True)
         strong = self.strong_transform if self.strong_view else None
         if self.return_views and self.train_set is not None and self.train_views is not None:
             return self._loader(IndexedViews(self.train_set, self.train_views, strong), train=True)

@@ -9,9 +9,10 @@ Loaders (images ``float32 [B, 3, S, S]``, labels ``int64 [B]``):
 * train: training images of all classes (``train_classes="all"``: unlabeled use in prompt distillation, the
   transductive setting of the PromptKD/ABKD code) with labels in ``0..C-1``, or of the base classes only
   (``"base"``: teacher prompt tuning), optionally ``shots`` images per class drawn by ``seed``;
-* val and test: a list ``[base, new]`` over the test split (the protocol) or the val split (``eval_split="val"``;
-  the whole val split, where Dassl's few-shot runs keep min(shots, 4) val images per class), labels relabelled
-  within each group. Under DDP they use a sampler without padding (every image counts once).
+* val: a list ``[base, new]`` over the test split (the protocol) or the val split (``eval_split="val"``; the whole
+  val split, where Dassl's few-shot runs keep min(shots, 4) val images per class), labels relabelled within each
+  group; test: the same over the test split, whatever ``eval_split`` says (with ``eval_split="val"`` a fit then
+  never lists the test images). Under DDP they use a sampler without padding (every image counts once).
 
 ``setup`` lists the images and checks that every file a split lists exists (one directory read per folder), then
 checks the files it uses once (``check_images``, :mod:`abkd_vision.data.checks`, cached): bad files are an error
@@ -222,7 +223,8 @@ class BaseToNewDataModule(L.LightningDataModule):
         if strong_view:  # MLKD's strong view; its CLIP form is our choice (MLKD has none)
             self.strong_transform = strong_transform or strong_view_transform(self.train_transform)
         self.train_set: Dataset | None = None
-        self.eval_sets: list[Dataset] | None = None
+        self.eval_sets: list[Dataset] | None = None  # [base, new] of eval_split (the val loaders)
+        self.test_sets: list[Dataset] | None = None  # [base, new] of the test split (the test loaders)
         # Set by ExactResume: a training order and augmentation that depend only on (seed, epoch, sample).
         self.exact_resume = False
         # Set by PromptDistillationModule(teacher_logit_cache=...): the same seeded stream, and batches
@@ -235,6 +237,15 @@ class BaseToNewDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def val_is(self) -> str:
+        """What the val loaders read (recorded in results.json)."""
+        if self.eval_split == "test":
+            return "test split (paper protocol)"
+        if self.dataset_name == "ImageNet":
+            return "test images (ImageNet has no val split in the CoOp layout)"
+        return "CoOp val split (held out)"
 
     @property
     def num_base_classes(self) -> int:
@@ -258,13 +269,18 @@ class BaseToNewDataModule(L.LightningDataModule):
         that every listed image file exists (FileNotFoundError naming the missing paths), then check the files used
         (``check_images``; bad ones raise or, with ``on_bad_image="skip"``, are dropped)."""
         need_train = stage in (None, "fit")
-        if self.eval_sets is not None and (self.train_set is not None or not need_train):
+        need_eval = stage in (None, "fit", "validate") or self.eval_split == "test"
+        need_test = stage in (None, "test", "predict")
+        if (self.eval_sets is not None or not need_eval) and (self.train_set is not None or not need_train) \
+                and (self.test_sets is not None or not need_test):
             return
         data = read_coop_dataset(self.root, self.dataset_name, list_images=True)
         if data.class_names != self.class_names:
             raise ValueError(f"the class list of {data.root} changed since the data module was built")
         splits = data.splits
-        for split in (("train", self.eval_split) if need_train else (self.eval_split,)):
+        wanted = (["train"] if need_train else []) + ([self.eval_split] if need_eval else []) + \
+            (["test"] if need_test and self.eval_split != "test" else [])
+        for split in wanted:
             items = splits[split]
             if not items:
                 raise FileNotFoundError(f"{self.dataset_name}: the {split} split of {data.root} lists no image; "
@@ -289,13 +305,22 @@ class BaseToNewDataModule(L.LightningDataModule):
             self.train_set = ImageList(items, self.train_transform, where=self._where("train"))
             log.info("%s: %d training images (%s classes, shots=%s)", self.dataset_name, len(items),
                      self.train_classes, self.hparams.shots)
-        eval_items = self._check_items(self.eval_split, splits[self.eval_split])
+        if need_eval and self.eval_sets is None:
+            self.eval_sets = self._groups(self.eval_split, splits)
+        if self.eval_split == "test":  # one list of images serves val and test
+            self.test_sets = self.eval_sets
+        elif need_test and self.test_sets is None:
+            self.test_sets = self._groups("test", splits)
+
+    def _groups(self, split: str, splits: dict) -> list[Dataset]:
+        """``[base, new]`` image lists of ``split``, each relabelled from 0."""
+        items = self._check_items(split, splits[split])
         groups = []
         for group, labels in (("base", self.base_labels), ("new", self.new_labels)):
             relabel = {label: i for i, label in enumerate(labels)}
-            groups.append(ImageList([it for it in eval_items if it[1] in relabel], self.eval_transform, relabel,
-                                    where=f"the {group} classes of {self._where(self.eval_split)}"))
-        self.eval_sets = groups
+            groups.append(ImageList([it for it in items if it[1] in relabel], self.eval_transform, relabel,
+                                    where=f"the {group} classes of {self._where(split)}"))
+        return groups
 
     def _where(self, split: str) -> str:
         return f"the {split} split of {type(self).__name__} {self.dataset_name} at {os.path.abspath(self.root)}"
@@ -368,4 +393,6 @@ class BaseToNewDataModule(L.LightningDataModule):
         return [self._loader(ds, train=False) for ds in self.eval_sets]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return self.val_dataloader()
+        if self.test_sets is None:
+            raise RuntimeError("call setup('test') before requesting a test dataloader")
+        return [self._loader(ds, train=False) for ds in self.test_sets]

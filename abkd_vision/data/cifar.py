@@ -8,9 +8,12 @@ On-disk layout (the official python version, as extracted from ``cifar-100-pytho
 
 Splits: ``train`` = the 50,000 official training images; ``val`` **and** ``test`` = the 10,000 official test
 images. CIFAR knowledge-distillation papers (KD, CRD, DKD, ABKD, ...) train on the full training set and
-report top-1 accuracy on the test set, so there is no held-out validation split here; the "validation"
-numbers logged during training are test-set numbers, and must not be used for model selection if you
-want an unbiased estimate.
+report top-1 accuracy on the test set, so by default there is no held-out validation split (the paper
+protocol, recorded as ``val_is: "test split (paper protocol)"``); the "validation" numbers logged during
+training are then test-set numbers, and must not be used for model selection if you want an unbiased estimate.
+With ``val_split`` (a fraction or a count) a stratified part of the training images is held out
+(:mod:`abkd_vision.data.splits`): training uses the rest, ``val`` reads the held-out images (with the
+evaluation transform) and ``test`` the official test split, which ``setup("fit")`` then does not load.
 
 Batches: images ``float32 [B, 3, image_size, image_size]`` normalised with CIFAR-100 stats, labels
 ``int64 [B]`` in ``0..99``.
@@ -24,6 +27,7 @@ from pathlib import Path
 from torchvision.datasets import CIFAR100
 
 from abkd_vision.data.base import ClassificationDataModule, resolve_num_workers
+from abkd_vision.data.splits import HELD_OUT, PAPER_PROTOCOL, check_split_size
 from abkd_vision.data.transforms import (
     CIFAR100_MEAN,
     CIFAR100_STD,
@@ -77,12 +81,22 @@ class CIFAR100DataModule(ClassificationDataModule):
             RandomCrop(32, padding=4) + RandomHorizontalFlip + RandAugment(2, 10) + ToTensor + Normalize, drawn
             independently (see :meth:`~abkd_vision.data.base.ClassificationDataModule.init_strong_view`).
             Evaluation is unchanged.
+        val_split: hold out a validation split from the training images: a fraction in (0, 1) or a number of
+            images, stratified per class (:mod:`abkd_vision.data.splits`); None (default) = val is the test split.
+        val_split_seed: the seed of that draw (the same seed and size give the same images in every run).
+        val_split_file: a JSON file holding the split: read (and checked against the training set) when it exists,
+            written there otherwise, so every run of a study uses one split. The run folder gets a copy,
+            ``val_split.json``, in any case.
+        on_device: decode every split once into a uint8 tensor on the training device and crop, flip and normalise
+            there, batched (:mod:`abkd_vision.data.device`): the loaders yield index batches, no workers, no PIL. The
+            views are the host path's seeded stream to the last bit (same batches, same teacher-cache view ids).
+            Not with ``strong_view``; a split too large for the device's free memory is an error before training.
 
     Attributes:
         num_classes: 100.
         class_names: the 100 fine label names (label i = ``class_names[i]``); re-read from ``meta`` in setup.
 
-    Val and test both use the official test split (see the module docstring).
+    Val and test both use the official test split unless ``val_split`` holds images out (see the module docstring).
     """
 
     num_classes: int = 100
@@ -100,9 +114,14 @@ class CIFAR100DataModule(ClassificationDataModule):
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         strong_view: bool = False,
+        val_split: float | int | None = None,
+        val_split_seed: int = 0,
+        val_split_file: str | None = None,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_split_size(val_split)
         if batch_size <= 0 or eval_batch_size <= 0:
             raise ValueError(f"batch sizes must be positive, got {batch_size=} {eval_batch_size=}")
         resolve_num_workers(num_workers)  # checks it
@@ -115,14 +134,19 @@ class CIFAR100DataModule(ClassificationDataModule):
         self.eval_transform = cifar_eval_transform(image_size, mean, std)
         self.train_views = CropFlipViews(image_size, mean, std)  # the same augmentation, naming its view
         self.init_strong_view(strong_view)
+        self.init_on_device(on_device, {})
         self.train_set: CIFAR100 | None = None
         self.test_set: CIFAR100 | None = None
+        self.held_out_set = None  # with val_split: the held-out training images (eval transform)
 
     def view_dataset_key(self) -> dict:
         """What identifies the training images and their order (part of a teacher-logit cache key)."""
         if self.train_set is None:
             raise RuntimeError("call setup('fit') first")
-        return {"dataset": "cifar100", "split": "train", "num_images": len(self.train_set)}
+        key = {"dataset": "cifar100", "split": "train", "num_images": len(self.train_set)}
+        if self.val_holdout is not None:  # which images remain for training
+            key["val_split_sha256"] = self.val_holdout.record["val_sha256"]
+        return key
 
     # ------------------------------------------------------------------ availability and errors
 
@@ -183,11 +207,16 @@ class CIFAR100DataModule(ClassificationDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets needed for ``stage`` (fit/validate/test/predict; None = all)."""
-        if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._load(train=True)
-            self.class_names = list(self.train_set.classes)
-        if self.test_set is None:
-            # val, test and predict all read the official test split, so one dataset object is shared.
+        held_out = self.hparams.val_split is not None
+        if (stage in (None, "fit") or held_out and stage == "validate") and self.train_set is None:
+            full = self._load(train=True)
+            self.class_names = list(full.classes)
+            if held_out:  # val = a stratified part of the training images; the test split is not loaded
+                self.train_set, self.held_out_set = self.hold_out(full, full.targets, "cifar100")
+            else:
+                self.train_set = full
+        if self.test_set is None and (not held_out or stage in (None, "test", "predict")):
+            # without val_split val, test and predict all read the official test split: one dataset object.
             self.test_set = self._load(train=False)
             self.class_names = list(self.test_set.classes)
         if len(self.class_names) != self.num_classes:
@@ -195,5 +224,11 @@ class CIFAR100DataModule(ClassificationDataModule):
 
     @property
     def val_set(self) -> CIFAR100 | None:
-        """The validation dataset: the official test split (same object as ``test_set``)."""
-        return self.test_set
+        """The validation dataset: the official test split (same object as ``test_set``), or with ``val_split`` the
+        held-out training images."""
+        return self.held_out_set if self.hparams.val_split is not None else self.test_set
+
+    @property
+    def val_is(self) -> str:
+        """What the val loader reads (recorded in results.json)."""
+        return HELD_OUT if self.hparams.val_split is not None else PAPER_PROTOCOL

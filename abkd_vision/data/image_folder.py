@@ -7,7 +7,10 @@ Expected layout (``val`` is optional)::
     <root>/val/<class_name>/...                # optional
 
 Splits: train = ``train``; if ``val`` exists, val = ``val`` and test = ``test``, otherwise val and test both
-read ``test`` (the CIFAR convention, see :mod:`abkd_vision.data.cifar`). All splits must contain the same
+read ``test`` (the CIFAR convention, see :mod:`abkd_vision.data.cifar`), unless ``val_split`` holds a stratified
+part of ``train`` out as val (:mod:`abkd_vision.data.splits`; ``test`` is then read only by test and predict).
+The records say which (``val_is``: "val folder", "held-out split of the training set" or "test split (paper
+protocol)"). All splits must contain the same
 class folders; label ``i`` is the ``i``-th class folder name in sorted order (``ImageFolder`` convention),
 available as ``class_names`` right after ``__init__`` (only directory names are read, no image is opened).
 Hidden folders (name starting with ".") are ignored.
@@ -39,6 +42,7 @@ from abkd_vision.data.checks import (
     screen_images,
     write_bad_images,
 )
+from abkd_vision.data.splits import HELD_OUT, PAPER_PROTOCOL, VAL_FOLDER, check_split_size
 from abkd_vision.data.transforms import (
     CIFAR100_MEAN,
     CIFAR100_STD,
@@ -100,13 +104,15 @@ class _ImageFolder(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-def _first_per_class(dataset: ImageFolder, per_class: int) -> Subset:
-    """The first ``per_class`` samples of every class (ImageFolder lists files in sorted order)."""
+def _first_per_class(dataset: ImageFolder, per_class: int, among: list[int] | None = None) -> Subset:
+    """The first ``per_class`` samples of every class (ImageFolder lists files in sorted order), among the sample
+    positions ``among`` (default: all)."""
     if per_class <= 0:
         raise ValueError(f"train_per_class must be a positive number of images, got {per_class}")
     taken: dict[int, int] = {}
     indices = []
-    for i, label in enumerate(dataset.targets):
+    for i in among if among is not None else range(len(dataset.targets)):
+        label = dataset.targets[i]
         if taken.get(label, 0) < per_class:
             taken[label] = taken.get(label, 0) + 1
             indices.append(i)
@@ -143,6 +149,19 @@ class ImageFolderDataModule(ClassificationDataModule):
             :meth:`~abkd_vision.data.base.ClassificationDataModule.init_strong_view`). Evaluation is unchanged.
         strong_transform: the strong view's transform (PIL image -> tensor) instead of that default; needed with a
             custom ``train_transform`` that is not a torchvision Compose with a ToTensor step.
+        val_split: hold out a validation split from ``train``: a fraction in (0, 1) or a number of images,
+            stratified per class (:mod:`abkd_vision.data.splits`), drawn from the whole ``train`` folder before
+            ``train_per_class`` takes its first N per class of the rest; the whole ``train`` folder is then checked
+            (``check_images``). None (default) = val is ``val/`` if it exists, else ``test/``. An error with a
+            ``val/`` folder (give one or the other).
+        val_split_seed: the seed of that draw (the same seed and size give the same images in every run).
+        val_split_file: a JSON file holding the split: read (and checked against the training files) when it
+            exists, written there otherwise. The run folder gets a copy, ``val_split.json``, in any case.
+        on_device: decode every split once (RGB, resized to ``image_size``: images of any sizes) into a uint8 tensor
+            on the training device and crop, flip and normalise there, batched (:mod:`abkd_vision.data.device`): the
+            loaders yield index batches, no workers, no PIL. The views are the host path's seeded stream to the last
+            bit. Not with a custom ``train_transform``/``eval_transform`` or ``strong_view``; a split too large for
+            the device's free memory is an error before training.
 
     Raises:
         FileNotFoundError: ``root`` or its ``train``/``test`` folder is missing, a split has no class
@@ -173,16 +192,25 @@ class ImageFolderDataModule(ClassificationDataModule):
         on_bad_image: str = "raise",
         strong_view: bool = False,
         strong_transform: Callable | None = None,
+        val_split: float | int | None = None,
+        val_split_seed: int = 0,
+        val_split_file: str | None = None,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         # Transform objects are not plain hyper-parameters (not serialisable to hparams.yaml).
         self.save_hyperparameters(ignore=["train_transform", "eval_transform", "strong_transform"])
+        check_split_size(val_split)
         if batch_size <= 0 or eval_batch_size <= 0:
             raise ValueError(f"batch sizes must be positive, got {batch_size=} {eval_batch_size=}")
         resolve_num_workers(num_workers)  # checks it
         check_options(check_images, on_bad_image)
         self.root = Path(root).expanduser().resolve()
         self.split_dirs = self._check_layout()
+        if val_split is not None and self.split_dirs["val"] != self.split_dirs["test"]:
+            raise ValueError(f"val_split {val_split} holds images out of {self.split_dirs['train']}, but "
+                             f"{self.split_dirs['val']} exists and would be the validation split; give one or the "
+                             "other (val_split: null to validate on the val folder)")
         self.class_names: list[str] = list_classes(self.split_dirs["train"])
         mean = CIFAR100_MEAN if mean is None else mean
         std = CIFAR100_STD if std is None else std
@@ -192,6 +220,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.train_views = None if train_transform is not None else CropFlipViews(image_size, mean, std, padding,
                                                                                   hflip)
         self.init_strong_view(strong_view, strong_transform)
+        self.init_on_device(on_device, {"a custom train_transform": train_transform is not None,
+                                        "a custom eval_transform": eval_transform is not None})
         self.train_set: ImageFolder | None = None
         self.val_set: ImageFolder | None = None
         self.test_set: ImageFolder | None = None
@@ -202,6 +232,13 @@ class ImageFolderDataModule(ClassificationDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def val_is(self) -> str:
+        """What the val loader reads (recorded in results.json)."""
+        if self.hparams.val_split is not None:
+            return HELD_OUT
+        return PAPER_PROTOCOL if self.split_dirs["val"] == self.split_dirs["test"] else VAL_FOLDER
 
     def _check_layout(self) -> dict[str, Path]:
         """Validate the folder tree (directory listings only) and return {"train", "val", "test"} -> dir."""
@@ -242,14 +279,23 @@ class ImageFolderDataModule(ClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Index the image files of the splits needed for ``stage`` (fit/validate/test/predict; None = all) and
         check those files once (``check_images``; bad ones raise or, with ``on_bad_image="skip"``, are dropped)."""
-        new_train = stage in (None, "fit") and self.train_set is None
-        if new_train:
+        held_out = self.hparams.val_split is not None
+        new_train = (stage in (None, "fit") or held_out and stage == "validate") and self.train_set is None
+        if new_train and held_out:
+            full = self._folder("train", self.train_transform)
+            self._check_split(full)  # before the split: its positions then refer to the images that stay
+            entries = [(os.path.relpath(path, full.root), label) for path, label in full.samples]
+            train, self.val_set = self.hold_out(full, full.targets, f"imagefolder:{self.root}", entries)
+            self.train_set = train
+            if self.hparams.train_per_class is not None:
+                self.train_set = _first_per_class(full, self.hparams.train_per_class, list(train.indices))
+        elif new_train:
             self.train_set = self._folder("train", self.train_transform)
             if self.hparams.train_per_class is not None:
                 self.train_set = _first_per_class(self.train_set, self.hparams.train_per_class)
-        if self.test_set is None:
+        if self.test_set is None and (not held_out or stage in (None, "test", "predict")):
             self.test_set = self._folder("test", self.eval_transform)
-        if self.val_set is None:
+        if self.val_set is None and not held_out:
             same = self.split_dirs["val"] == self.split_dirs["test"]
             self.val_set = self.test_set if same else self._folder("val", self.eval_transform)
         for ds in (self.train_set, self.val_set, self.test_set):

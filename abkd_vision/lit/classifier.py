@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from abkd_vision.data.device import IndexBatch
 from abkd_vision.lit.common import GuardedTraining, write_results
 from abkd_vision.models import create_model
 
@@ -109,6 +110,11 @@ class ImageClassificationTask(GuardedTraining, LightningModule):
         self.val_acc1_best.persistent(True)
         # [best epoch, last acc1, last acc5], -1 = none yet
         self.register_buffer("tracked_epochs", torch.tensor([-1.0, -1.0, -1.0]))
+        # The test after a fit whose val split is held out (abkd_vision.protocol.final_test): which weights are
+        # tested ("last", "best_val"), their test metrics, and the fit's summary they are written beside.
+        self.test_tag: str | None = None
+        self.test_results: dict[str, dict[str, float]] = {}
+        self.fit_summary: dict | None = None
 
     @property
     def network(self) -> nn.Module:
@@ -120,6 +126,8 @@ class ImageClassificationTask(GuardedTraining, LightningModule):
         return self.compiled_network(images) if self.compiled_network is not None else self.network(images)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, IndexBatch):  # data.on_device: the images are made here, on the batch's device
+            batch = self.materialise_batch(batch)
         if not (self.channels_last and isinstance(batch, (list, tuple)) and batch):
             return batch
         images = batch[0]  # a tensor, or [weak, strong] of two-view training data
@@ -129,6 +137,15 @@ class ImageClassificationTask(GuardedTraining, LightningModule):
 
         images = [nhwc(x) for x in images] if isinstance(images, (list, tuple)) else nhwc(images)
         return [images, *batch[1:]]
+
+    def materialise_batch(self, batch: IndexBatch) -> list:
+        """``[images, target, ...]`` of an index batch (``data.init_args.on_device``), made on its device in this
+        module's memory format and the trainer's input dtype (what the precision plugin makes of host images)."""
+        batch = batch.materialise(channels_last=self.channels_last)
+        trainer = self._trainer
+        if trainer is not None:
+            batch[0] = trainer.precision_plugin.convert_input(batch[0])
+        return batch
 
     def _update(self, metrics: MetricCollection, batch) -> None:
         images, target = batch
@@ -168,7 +185,13 @@ class ImageClassificationTask(GuardedTraining, LightningModule):
         self._update(self.test_metrics, batch)
 
     def on_test_epoch_end(self) -> None:
-        self._flush(self.test_metrics, prog_bar=False)
+        values = self._flush(self.test_metrics, prog_bar=False)
+        if self.test_tag is not None:
+            self.test_results[self.test_tag] = {k.split("/", 1)[-1]: float(v) for k, v in values.items()}
+
+    def on_test_end(self) -> None:
+        if self.test_tag is not None and self.fit_summary is not None:  # the test after a fit (final_test)
+            write_results(self, {**self.fit_summary, "test": dict(self.test_results)})
 
     # -- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -213,7 +236,8 @@ class ImageClassificationTask(GuardedTraining, LightningModule):
         }
 
     def on_fit_end(self) -> None:
-        write_results(self, self.summary())
+        self.fit_summary = self.summary()
+        write_results(self, self.fit_summary)
 
 
 class ClassifierModule(ImageClassificationTask):

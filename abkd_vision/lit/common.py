@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from abkd_vision.data.device import IndexBatch
 from abkd_vision.io import atomic_write
 from abkd_vision.teacher_cache import CacheMismatch, TeacherLogitCache
 
@@ -315,10 +316,12 @@ def count_correct(module: LightningModule, loader, predict) -> tuple[int, int]:
     limit = module.trainer.limit_val_batches
     max_batches = limit if isinstance(limit, int) else None
     counts = torch.zeros(2, dtype=torch.long, device=module.device)
-    for i, (images, target) in enumerate(loader):
+    for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        images, target = images.to(module.device), target.to(module.device)
+        if isinstance(batch, IndexBatch):  # data.on_device: made on the module's device
+            batch = batch.to(module.device).materialise()
+        images, target = batch[0].to(module.device), batch[1].to(module.device)
         counts[0] += (predict(images).argmax(dim=-1) == target).sum()
         counts[1] += target.numel()
     correct, total = module.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
@@ -350,12 +353,25 @@ _PROGRESS_KEYS = ("finished", "epochs_done", "epochs_planned", "steps_done", "st
                   "stopped_by")
 
 
+def _protocol(trainer, module: LightningModule, summary: dict) -> dict:
+    """The run's protocol (:func:`abkd_vision.protocol.run_protocol`); a failure to describe it is recorded, never
+    raised (the run's results matter more)."""
+    from abkd_vision.protocol import run_protocol
+
+    try:
+        return run_protocol(trainer, module, summary)
+    except Exception as err:  # noqa: BLE001
+        return {"unrecorded": f"{type(err).__name__}: {err}"}
+
+
 def write_results(module: LightningModule, summary: dict, name: str = "results.json",
                   stopped_by: str | None = None) -> Path | None:
     """Write ``summary`` as JSON into the run directory (rank 0; atomically), or do nothing without a logger.
 
     :func:`training_progress` is added (``finished``, epochs and steps done and planned); sweeps treat a run as
-    done only when ``finished`` is true. ``stopped_by`` names the signal that stopped the run.
+    done only when ``finished`` is true. ``stopped_by`` names the signal that stopped the run. ``protocol`` says how
+    every number was obtained (:mod:`abkd_vision.protocol`: epochs, augmentation, batch, devices, precision, what
+    val is, the selection rule of each number, library versions).
     """
     # trainer.log_dir is a collective under DDP: every rank asks, only rank 0 writes.
     trainer = module.trainer
@@ -374,6 +390,7 @@ def write_results(module: LightningModule, summary: dict, name: str = "results.j
     if stopped_by:
         progress = {**progress, "finished": False, "stopped_by": stopped_by}
     summary = {"finished": progress.pop("finished"), **summary, **progress}
+    summary["protocol"] = _protocol(trainer, module, summary)
     log_dir = trainer.log_dir if trainer.logger is not None else None
     if log_dir is None or not trainer.is_global_zero:
         return None

@@ -14,7 +14,14 @@ examples:
       --worker-only --worker-id 3 --n-trials 10 --config ...
   # the outputs again from the storage, without training
   python -m abkd_vision.search --out runs/search/x --report-only
+  # then confirm the best 2 points and the forward-KL baseline on the test split, 3 seeds each
+  python -m abkd_vision.search --out runs/search/x --n-trials 30 --config ... --confirm-top 2 --confirm-seeds 0 1 2 \
+      --baseline fkl
+  # the paper's protocol: rank on the test split (the outputs say "selected on test")
+  python -m abkd_vision.search --out runs/search/paper --select-on-test --grid-alpha ... --grid-beta ... --config ...
 
+Trials are ranked on held-out images: for CIFAR-100/ImageFolder data a stratified --val-split of the training set
+(the trials train on the rest, and the test split is never loaded), for base-to-new CoOp's val split.
 Arguments this parser does not know (--trainer.*, --model.*, --data.*, ...) go to every run, as for run.py fit.
 The search sets alpha/beta, --seed_everything and the logger folder (<out>/trials/trial_<n>) itself.
 Exit code: 0 done, 1 no trial completed, a worker failed or the storage failed during the search, 2 bad input or
@@ -92,6 +99,28 @@ def parser() -> argparse.ArgumentParser:
                         "local workers)")
     g.add_argument("--report-only", action="store_true",
                    help="only regenerate best.json, trials.csv and landscape.png from the storage")
+    g = p.add_argument_group("where trials are ranked (never on test unless asked)")
+    g.add_argument("--val-split", default="0.1", metavar="SIZE",
+                   help="CIFAR-100/ImageFolder: hold out this fraction (0.1) or number (5000) of the training images, "
+                        "stratified per class, and rank trials on them (default 0.1; base-to-new uses CoOp's val "
+                        "split)")
+    g.add_argument("--val-split-seed", type=int, default=0, help="seed of that split (default 0)")
+    g.add_argument("--select-on-test", action="store_true",
+                   help="rank trials on the run config's own val loader, for CIFAR the test split (the papers' "
+                        "grids); the outputs then say 'selected on test'")
+    g = p.add_argument_group("confirmation on the test split (after the search, same command)")
+    g.add_argument("--confirm-top", type=int, default=0, metavar="K",
+                   help="retrain the best K points and the baseline on the full training set and report them on the "
+                        "test split (default 0: no confirmation)")
+    g.add_argument("--confirm-seeds", nargs="+", type=int, default=[], metavar="SEED",
+                   help="seeds of the confirmation runs (paired: each point and the baseline run with each seed)")
+    g.add_argument("--baseline", choices=("fkl",), default=None,
+                   help="fkl: the search's configs at alpha 1, beta 0 (forward KL, same temperature and weights)")
+    g.add_argument("--baseline-config", default=None, metavar="YAML",
+                   help="a baseline config in place of the last --config (e.g. configs/cifar100/kd/<pair>.yaml)")
+    g.add_argument("--confirm-workers", type=int, default=None,
+                   help="confirmation runs at a time (default 1; each is a run.py fit process)")
+    g.add_argument("--run-script", type=Path, default=None, help=argparse.SUPPRESS)  # tests: a stand-in run.py
     return p
 
 
@@ -161,6 +190,8 @@ def _check_args(args, extra: list[str]) -> SearchSpace:
 
     space = SearchSpace.from_args(args.alpha_range, args.beta_range, args.grid_alpha, args.grid_beta)
     if args.report_only:
+        if args.confirm_top:
+            raise SearchError("--report-only trains nothing: confirm with the search's own command and --confirm-top")
         return space
     if not args.config:
         raise SearchError("give the run configs, as for run.py fit, e.g. --config configs/demo/base.yaml "
@@ -176,8 +207,41 @@ def _check_args(args, extra: list[str]) -> SearchSpace:
         raise SearchError("--pruner-startup-trials and --pruner-warmup-epochs must be >= 0")
     if args.worker_only and args.workers != 1:
         raise SearchError("--worker-only runs one worker; --workers starts local workers, give one or the other")
+    _check_confirmation(args)
     check_passthrough(extra)
     return space
+
+
+def _check_confirmation(args) -> None:
+    from abkd_vision.search.selection import parse_split_size
+
+    args.val_split = parse_split_size(str(args.val_split))
+    if args.confirm_top < 0:
+        raise SearchError(f"--confirm-top must be >= 0, got {args.confirm_top}")
+    if args.confirm_top == 0:
+        given = [f for f, v in (("--confirm-seeds", args.confirm_seeds), ("--baseline", args.baseline),
+                                ("--baseline-config", args.baseline_config)) if v]
+        if given:
+            raise SearchError(f"{', '.join(given)} configure the confirmation: add --confirm-top K")
+        return
+    if args.worker_only:
+        raise SearchError("--worker-only runs trials only; confirm from the command that reports (without "
+                          "--worker-only)")
+    if not args.confirm_seeds:
+        raise SearchError("--confirm-top needs the seeds of the confirmation runs, e.g. --confirm-seeds 0 1 2")
+    if len(set(args.confirm_seeds)) != len(args.confirm_seeds):
+        raise SearchError(f"--confirm-seeds repeats a seed: {args.confirm_seeds}")
+    if args.baseline is None and args.baseline_config is None:
+        raise SearchError("confirmation compares the best points with a baseline: give --baseline fkl (the "
+                          "search's configs at alpha 1, beta 0: the forward KL at the same temperature and weights) "
+                          "or --baseline-config <YAML> (a file in place of the last --config, e.g. "
+                          "configs/cifar100/kd/resnet32x4-resnet8x4.yaml)")
+    if args.baseline is not None and args.baseline_config is not None:
+        raise SearchError("give --baseline fkl or --baseline-config, not both")
+    if args.baseline_config is not None and not Path(args.baseline_config).is_file():
+        raise SearchError(f"--baseline-config {args.baseline_config} not found")
+    if args.confirm_workers is not None and args.confirm_workers < 1:
+        raise SearchError(f"--confirm-workers must be >= 1, got {args.confirm_workers}")
 
 
 def _pruner(args):
@@ -189,13 +253,24 @@ def _pruner(args):
                                        n_warmup_steps=args.pruner_warmup_epochs)
 
 
-def _load_or_create(storage, args, space: SearchSpace, run_args: list[str]):
+def _load_or_create(storage, args, space: SearchSpace, run_args: list[str], selection: dict | None = None):
     import optuna
 
     study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
                                 load_if_exists=True, sampler=space.sampler(args.seed + args.worker_id),
                                 pruner=_pruner(args))
     stored = study.user_attrs.get("search_space")
+    if selection is not None:
+        known = study.user_attrs.get("selection")
+        if known is None and stored is None:
+            study.set_user_attr("selection", selection)
+        elif known is None:
+            raise SearchError(f"study {args.study_name!r} in this storage predates held-out searches (where its trials "
+                              "were ranked is not recorded); give another --study-name")
+        elif known.get("selected_on") != selection["selected_on"]:
+            raise SearchError(f"study {args.study_name!r} ranks its trials on {known.get('selected_on')}, this search "
+                              f"on {selection['selected_on']}; give the same selection options, or another "
+                              "--study-name")
     if stored is None:
         study.set_user_attr("search_space", space.to_dict())
         study.set_user_attr("run_args", run_args)
@@ -325,28 +400,60 @@ def _main(args, extra: list[str], space: SearchSpace) -> int:
                                   f"{', '.join(names) or 'none'}); give --study-name") from None
         return _report(study, args)
 
+    from abkd_vision.search.selection import plan_selection
+
     base = cli_args(args.config, extra)
+    info = selection = None
     if not os.environ.get(_CHECKED_ENV):
         info = check_run_config(base, args.out)
+        added, selection = plan_selection(info, args.select_on_test, args.val_split, args.val_split_seed)
+        extra = [*extra, *added]
+        base = cli_args(args.config, extra)
         if not args.worker_only:
             print(f"search: {space.describe()}; {info['model']} with {info['head']} + AlphaBetaDivergence "
-                  f"(config alpha {info['config_alpha']}, beta {info['config_beta']}); study {args.study_name!r} "
-                  f"in {redact(args.storage)}", flush=True)
+                  f"(config alpha {info['config_alpha']}, beta {info['config_beta']}); trials ranked on "
+                  f"{info['monitor']} of the {selection['selected_on']}; study {args.study_name!r} in "
+                  f"{redact(args.storage)}", flush=True)
     with storage_errors(args.storage, "while creating the study", 2,
                         "no trial ran; the search needs a database it can write to: check the URL, the permissions "
                         "of the database and its folder and the free space, or give another --storage"):
-        study = _load_or_create(storage, args, space, base)
+        study = _load_or_create(storage, args, space, base, selection)
     if args.workers > 1:
         code = _start_workers(args, extra)
         status = _report(study, args)
-        return max(code and 1, status)
+        return max(code and 1, status, _confirm(study, args, extra, info, selection, status))
     with storage_errors(args.storage, "during the search", 1,
                         "the trials it recorded are kept; once the storage works again, run the same command to add "
                         "trials, or --report-only for the outputs"):
         _run_worker(study, space, args, base, args.out)
     if args.worker_only:
         return 0
-    return _report(study, args)
+    status = _report(study, args)
+    return max(status, _confirm(study, args, extra, info, selection, status))
+
+
+def _confirm(study, args, extra: list[str], info: dict | None, selection: dict | None, status: int) -> int:
+    """The confirmation sweep (``--confirm-top``): 0 when it finished (or was not asked for), 1 otherwise."""
+    if not args.confirm_top or status != 0 or info is None:
+        return 0
+    from abkd_vision.search.confirm import run_confirmation
+    from abkd_vision.search.landscape import write_outputs
+
+    user_extra = _without(extra, selection.get("args") if selection else [])
+    record = run_confirmation(study, args.out, args.config, user_extra, info, selection, args.confirm_top,
+                              args.confirm_seeds, args.baseline, args.baseline_config, args.confirm_workers,
+                              args.run_script)
+    with storage_errors(args.storage, "while writing the outputs", 1, "run again with --report-only"):
+        paths = write_outputs(study, args.out, args.storage)["paths"]
+    print(f"outputs: {paths['best']} (search and confirmation)  {args.out / 'confirmation.md'}")
+    return 0 if record["exit_code"] == 0 and not record["missing"] else 1
+
+
+def _without(extra: list[str], added: list[str]) -> list[str]:
+    """``extra`` without the trailing arguments the selection added."""
+    if added and extra[len(extra) - len(added):] == list(added):
+        return extra[:len(extra) - len(added)]
+    return list(extra)
 
 
 def _report(study, args) -> int:
@@ -360,8 +467,9 @@ def _report(study, args) -> int:
     if best["alpha"] is None:
         print(f"no completed trial ({counts}); outputs: {paths['csv']}", file=sys.stderr)
         return 1
-    print(f"best: alpha {best['alpha']:.4f}  beta {best['beta']:.4f}  val/acc1 {100 * best['value']:.2f}%  "
-          f"(trial {best['trial']}, {best['run_dir']}; {counts})")
+    where = best.get("selected_on") or "an unrecorded split"
+    print(f"best: alpha {best['alpha']:.4f}  beta {best['beta']:.4f}  {best.get('monitor') or 'val/acc1'} "
+          f"{100 * best['value']:.2f}% on the {where}  (trial {best['trial']}, {best['run_dir']}; {counts})")
     print(f"outputs: {paths['best']}  {paths['csv']}  {paths['plot']}")
     return 0
 

@@ -1,4 +1,8 @@
-"""The search's outputs from the study: ``best.json``, ``trials.csv`` and ``landscape.png`` (written atomically)."""
+"""The search's outputs from the study: ``best.json``, ``trials.csv`` and ``landscape.png`` (written atomically).
+
+``best.json`` says where its numbers come from: ``selected_on`` (the held-out split the trials were ranked on, or
+"selected on test"), ``numbers.value`` (the search value: held-out unless selected on test) and, after a
+confirmation, ``confirmation`` (test numbers of retrained runs, :mod:`abkd_vision.search.confirm`)."""
 
 from __future__ import annotations
 
@@ -53,11 +57,23 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
+def selection_record(study: optuna.Study) -> dict:
+    """Where the study's trials were ranked (``selected_on``, ``held_out``, ``monitor``) and what ``value`` is."""
+    sel = study.user_attrs.get("selection") or {}
+    where = sel.get("selected_on") or "an unrecorded split (a study from before held-out searches)"
+    monitor = sel.get("monitor") or "val/acc1"
+    kind = ("held-out" if sel.get("held_out") else "test" if sel.get("held_out") is False else "unrecorded")
+    return {"selected_on": where, "held_out": sel.get("held_out"), "monitor": monitor,
+            "numbers": {"value": f"search ({kind}): the trial's best-epoch {monitor} on the {where}"}}
+
+
 def best_record(study: optuna.Study, storage_url: str, rows: list[dict]) -> dict:
     best = best_trial(study)
     counts = {state: sum(r["state"] == state for r in rows) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    selection = selection_record(study)
     record = {"study_name": study.study_name, "storage": redact(storage_url),
-              "search_space": study.user_attrs.get("search_space"), "objective": "best val/acc1 (top-1, [0, 1])",
+              "search_space": study.user_attrs.get("search_space"),
+              "objective": f"best {selection['monitor']} ([0, 1]) on the {selection['selected_on']}", **selection,
               "trials": len(rows), **{f"n_{k.lower()}": v for k, v in counts.items()}}
     if best is None:
         return {"alpha": None, "beta": None, "value": None, **record}
@@ -183,12 +199,20 @@ def write_outputs(study: optuna.Study, out: Path, storage_url: str) -> dict:
     """best.json, trials.csv and landscape.png into ``out``; returns their paths and the best record."""
     rows = trial_rows(study)
     best = best_record(study, storage_url, rows)
+    confirmation = out / "confirmation.json"
+    if confirmation.is_file():
+        try:
+            best["confirmation"] = json.loads(confirmation.read_text())
+            best["numbers"]["confirmation"] = best["confirmation"].get("numbers")
+        except ValueError:
+            pass
     space_dict = study.user_attrs.get("search_space")
     space = SearchSpace.from_dict(space_dict) if space_dict else None
     paths = {"best": atomic_write(out / "best.json", json.dumps(best, indent=2) + "\n"),
              "csv": write_csv(rows, out / "trials.csv")}
     mode = "exact grid" if space is not None and space.is_grid else "TPE samples, interpolated"
-    title = (f"ABKD accuracy over (alpha, beta): study '{study.study_name}'\n{mode}; "
+    ranked = {True: "held-out accuracy", False: "selected on test"}.get(best["held_out"], "unrecorded split")
+    title = (f"ABKD accuracy over (alpha, beta): study '{study.study_name}' ({ranked})\n{mode}; "
              f"{best['n_complete']} complete, {best['n_pruned']} pruned, {best['n_fail']} failed trials")
     paths["plot"] = plot_landscape(rows, space, best, out / "landscape.png", title)
     return {"paths": paths, "best": best, "rows": rows}

@@ -1,4 +1,5 @@
-"""One trial = one distillation run through the real CLI, in-process, pruned on per-epoch ``val/acc1``."""
+"""One trial = one distillation run through the real CLI, in-process, pruned on its per-epoch validation metric
+(``val/acc1`` for image classification, ``val/hm`` for base-to-new)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from abkd_vision.search.space import ALPHA_KEY, BETA_KEY, SearchError, SearchSpace
 
 METRIC = "val/acc1"
+BASE_TO_NEW_METRIC = "val/hm"
 # Keys the search sets itself; the user may not pass them.
 RESERVED = (ALPHA_KEY, BETA_KEY, "seed_everything", "trainer.logger.init_args.save_dir",
             "trainer.logger.init_args.name", "trainer.logger.init_args.version")
@@ -40,6 +42,21 @@ class OptunaPruning(Callback):
         self.trial.report(value, step=epoch)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.monitor} {value:.4f})")
+
+
+def search_metric(model) -> str:
+    """What the search ranks a run by: ``val/acc1`` (its best epoch) for the image-classification modules,
+    ``val/hm`` (its best epoch) for the base-to-new ones."""
+    return BASE_TO_NEW_METRIC if hasattr(model, "history") and hasattr(model, "report_epoch") else METRIC
+
+
+def search_value(model, summary: dict) -> float | None:
+    """The run's search value: its best per-epoch validation metric (see :func:`search_metric`)."""
+    if search_metric(model) == BASE_TO_NEW_METRIC:
+        values = [h.get("hm") for h in summary.get("history") or []]
+        values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        return max(values) if values else None
+    return summary.get("val_acc1_best")
 
 
 def check_passthrough(extra: list[str]) -> None:
@@ -95,12 +112,18 @@ def check_run_config(base: list[str], out: Path) -> dict:
         raise SearchError(f"the run config has no AlphaBetaDivergence at {ALPHA_KEY.rsplit('.', 2)[0]} ({what}); "
                           "give an ABKD config, e.g. --config configs/cifar100/base.yaml "
                           "--config configs/cifar100/abkd/<pair>.yaml")
+    dm = cli.datamodule
+    hp = dict(getattr(dm, "hparams", {}) or {})
     return {"model": type(cli.model).__name__, "head": type(head).__name__,
-            "config_alpha": float(divergence.alpha), "config_beta": float(divergence.beta)}
+            "config_alpha": float(divergence.alpha), "config_beta": float(divergence.beta),
+            "data": type(dm).__name__, "val_is": getattr(dm, "val_is", None), "has_val_split": "val_split" in hp,
+            "val_split": hp.get("val_split"), "eval_split": hp.get("eval_split"), "dataset": hp.get("dataset"),
+            "monitor": search_metric(cli.model)}
 
 
 class Objective:
-    """Optuna objective: train the run for the trial's (alpha, beta) and return its best ``val/acc1``."""
+    """Optuna objective: train the run for the trial's (alpha, beta) and return its best validation metric
+    (``val/acc1``, or ``val/hm`` for base-to-new; on the held-out split unless the search selects on test)."""
 
     def __init__(self, space: SearchSpace, base: list[str], out: Path, seed: int, worker: int = 0):
         self.space, self.base, self.out, self.seed, self.worker = space, base, out, seed, worker
@@ -121,7 +144,8 @@ class Objective:
 
     def _run(self, trial: optuna.Trial, alpha: float, beta: float) -> float:
         cli = build_cli(trial_args(self.base, self.out, trial.number, alpha, beta, self.seed))
-        cli.trainer.callbacks.append(OptunaPruning(trial))
+        trial.set_user_attr("monitor", search_metric(cli.model))
+        cli.trainer.callbacks.append(OptunaPruning(trial, search_metric(cli.model)))
         lightning_log = logging.getLogger("lightning.pytorch")
         level = lightning_log.level
         lightning_log.setLevel(logging.WARNING)  # the per-run teacher line etc.: the search prints its own line
@@ -135,7 +159,7 @@ class Objective:
         for key in ("best_epoch", "epochs", "teacher_val_acc1"):
             if summary.get(key) is not None:
                 trial.set_user_attr(key, summary[key])
-        value = summary.get("val_acc1_best")
+        value = search_value(cli.model, summary)
         if value is None or not math.isfinite(value):
             raise SearchError(f"trial {trial.number} finished without a validation accuracy "
                               "(check trainer.limit_val_batches / check_val_every_n_epoch)")
@@ -149,7 +173,7 @@ def trial_line(trial, total_width: int = 0) -> str:
     duration = trial.duration.total_seconds() if trial.duration is not None else float("nan")
     state = trial.state.name.lower()
     if trial.state.name == "COMPLETE":
-        result = f"val/acc1 best {100 * trial.value:6.2f}%"
+        result = f"{trial.user_attrs.get('monitor', METRIC)} best {100 * trial.value:6.2f}%"
     elif trial.state.name == "PRUNED":
         steps = sorted(trial.intermediate_values)
         last = trial.intermediate_values[steps[-1]] if steps else None

@@ -76,6 +76,7 @@ class SweepOptions:
     ray_gpus: float = 0.0
     ray_cpus: float = 1.0
     poll_seconds: float | None = None  # submitit: how often job states are polled
+    cwd: Path | None = None  # where runs start (default: the folder holding run_script)
 
 
 @dataclass
@@ -410,7 +411,7 @@ def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], Non
     opts.out.mkdir(parents=True, exist_ok=True)
     with _lock(opts.out):
         write_manifest(opts.out, runs)
-        cwd = str(Path(opts.run_script).resolve().parent)
+        cwd = str(Path(opts.cwd).resolve() if opts.cwd is not None else Path(opts.run_script).resolve().parent)
         todo, attached, skipped, continuing = [], [], 0, 0
         for run in runs:
             if finished_result(opts.out, run.run_id) is not None:

@@ -10,6 +10,13 @@ Two kinds of results, told apart by the keys of ``results.json``:
   over 11 datasets") and the HM of the mean base and mean new (CoOp's convention). On the paper's own ABKD rows
   they give 84.17 and 84.24.
 
+Every table says the rule behind its numbers (from each run's ``results.json["protocol"]``, see
+:mod:`abkd_vision.protocol`): "best epoch, selected on test" (the papers' convention: optimistic), "last epoch" (no
+selection) or, for runs with a held-out val split, the test accuracy of the last epoch and of the best held-out
+epoch beside the held-out numbers. Runs of one cell (method, setting, overrides) made under different protocols are
+not averaged: :class:`~abkd_vision.sweep.grid.SweepError` names the differing fields. Cells that a published number
+exists for are set beside it (:mod:`abkd_vision.sweep.published`).
+
 The arithmetic is in pure functions (:func:`harmonic_mean`, :func:`mean_std`, :func:`dataset_summary`,
 :func:`average_row`); everything is in percent.
 """
@@ -24,6 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from abkd_vision.io import atomic_write
+from abkd_vision.protocol import is_test, protocol_differences
+from abkd_vision.sweep.grid import SweepError
 from abkd_vision.sweep.store import finished_result, log_path, read_record, run_dir, run_status
 
 __all__ = ["CSV_FIELDS", "average_row", "collect_rows", "dataset_summary", "format_mean_std", "harmonic_mean",
@@ -31,7 +40,8 @@ __all__ = ["CSV_FIELDS", "average_row", "collect_rows", "dataset_summary", "form
 
 CSV_FIELDS = ("run_id", "method", "setting", "seed", "overrides", "status", "kind", "best_top1", "last_top1",
               "best_epoch", "teacher_top1", "report_epoch", "base", "new", "hm", "last_base", "last_new", "last_hm",
-              "best_base_base", "best_base_new", "best_base_hm", "exit_code", "seconds", "log", "run_dir")
+              "best_base_base", "best_base_new", "best_base_hm", "exit_code", "seconds", "log", "run_dir",
+              "val_is", "test_top1_last", "test_top1_best_val", "test_base", "test_new", "test_hm")
 
 
 # --- pure arithmetic ------------------------------------------------------------------------------------------
@@ -95,18 +105,27 @@ def _pct(x) -> float | None:
 
 
 def result_metrics(result: dict) -> dict:
-    """CSV metric columns (percent) of one ``results.json``; the kind is told by its keys."""
+    """CSV metric columns (percent) of one ``results.json``; the kind is told by its keys. ``val_is`` says what
+    the val numbers are on (None for runs that predate the protocol record); ``test_*`` are the test numbers of a
+    run whose val split was held out."""
+    protocol = result.get("protocol") if isinstance(result.get("protocol"), dict) else {}
+    val_is = protocol.get("val_is")
+    test = result.get("test") if isinstance(result.get("test"), dict) else {}
     if "reported" in result or "last" in result and "best_base" in result:
         rep = result.get("reported") or {}
         last, best = result.get("last") or {}, result.get("best_base") or {}
-        return {"kind": "base_to_new", "report_epoch": result.get("report_epoch"),
+        return {"kind": "base_to_new", "report_epoch": result.get("report_epoch"), "val_is": val_is,
+                "test_base": _pct(test.get("base_acc")), "test_new": _pct(test.get("new_acc")),
+                "test_hm": _pct(test.get("hm")),
                 "base": _pct(rep.get("base_acc")), "new": _pct(rep.get("new_acc")), "hm": _pct(rep.get("hm")),
                 "last_base": _pct(last.get("base_acc")), "last_new": _pct(last.get("new_acc")),
                 "last_hm": _pct(last.get("hm")), "best_base_base": _pct(best.get("base_acc")),
                 "best_base_new": _pct(best.get("new_acc")), "best_base_hm": _pct(best.get("hm"))}
     return {"kind": "classification", "best_top1": _pct(result.get("val_acc1_best")),
             "last_top1": _pct(result.get("val_acc1_last")), "best_epoch": result.get("best_epoch"),
-            "teacher_top1": _pct(result.get("teacher_val_acc1"))}
+            "teacher_top1": _pct(result.get("teacher_val_acc1")), "val_is": val_is,
+            "test_top1_last": _pct((test.get("last") or {}).get("acc1")),
+            "test_top1_best_val": _pct((test.get("best_val") or {}).get("acc1"))}
 
 
 def headline(result: dict) -> str:
@@ -119,6 +138,9 @@ def headline(result: dict) -> str:
     best, last = m["best_top1"], m["last_top1"]
     if best is None:
         return "no top-1"
+    if not is_test(m.get("val_is")):
+        test = m.get("test_top1_last")
+        return f"held-out top-1 best {best:.2f}" + ("" if test is None else f"  test last {test:.2f}")
     return f"top-1 best {best:.2f}" + ("" if last is None else f"  last {last:.2f}")
 
 
@@ -137,6 +159,7 @@ def collect_rows(out: Path, runs: Iterable[dict]) -> list[dict]:
         result = finished_result(out, rid)
         if result is not None:
             row.update(result_metrics(result))
+            row["protocol"] = result.get("protocol")
         rows.append(row)
     return rows
 
@@ -169,9 +192,16 @@ def base_to_new_markdown(rows: list[dict]) -> str:
     methods = list(dict.fromkeys((m, label) for m, _, label in groups))
     epochs = sorted({str(r.get("report_epoch")) for g in groups.values() for r in g})
     summary = {k: dataset_summary(_values(g, "base"), _values(g, "new")) for k, g in groups.items()}
+    splits = sorted({_category(g) for g in groups.values()})
+    on = ", ".join({"test": "the test split", "held": "the held-out val split",
+                    "unrecorded": "an unrecorded split (the test split unless eval_split: val)"}[c] for c in splits)
+    rules = {"best_base": f"best_base = the epoch of best base accuracy on {on}"
+                          + (" (selected on test: the reference protocol)" if "held" not in splits else ""),
+             "last": "last = the last epoch (no selection)"}
     out = ["## Base-to-new (%)", "",
-           f"Reported epoch: {', '.join(epochs)}. Per dataset: base and new as mean ± std over seeds, HM of the seed "
-           "means (the paper's convention); 'HM per seed' is the mean ± std of the per-seed HMs.", "",
+           f"Reported epoch: {', '.join(rules.get(e, e) for e in epochs)}; numbers on {on}. Per dataset: base and "
+           "new as mean ± std over seeds, HM of the seed means (the paper's convention); 'HM per seed' is the mean ± "
+           "std of the per-seed HMs.", "",
            f"### Average over {len(datasets)} datasets", "",
            "| method | base | new | HM: mean of per-dataset HMs (paper) | HM of mean base and new (CoOp) |",
            "| --- | ---: | ---: | ---: | ---: |"]
@@ -200,6 +230,25 @@ def base_to_new_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _category(group: list[dict]) -> str:
+    """What a cell's val numbers are on: "test", "held" (held out) or "unrecorded" (no protocol record)."""
+    val_is = group[0].get("val_is")
+    return "unrecorded" if val_is is None else "test" if is_test(val_is) else "held"
+
+
+# Per kind of val split, the table sections: (column, title naming the selection rule and the split).
+CLASSIFICATION_SECTIONS = {
+    "test": (("best_top1", "Best epoch, selected on test (the papers' convention: optimistic)"),
+             ("last_top1", "Last epoch (no selection), on test")),
+    "held": (("test_top1_last", "Test, last epoch (no selection; val split held out)"),
+             ("test_top1_best_val", "Test, best epoch on held-out (selected on held-out images)"),
+             ("best_top1", "Held-out, best epoch (selected on held-out)"),
+             ("last_top1", "Held-out, last epoch")),
+    "unrecorded": (("best_top1", "Best epoch (val split not recorded; for CIFAR the test split: selected on test)"),
+                   ("last_top1", "Last epoch (no selection; val split not recorded)")),
+}
+
+
 def classification_markdown(rows: list[dict]) -> str:
     groups = _group(rows, "classification")
     if not groups:
@@ -209,24 +258,50 @@ def classification_markdown(rows: list[dict]) -> str:
     seeds = sorted({len(g) for g in groups.values()})
     out = ["## Image classification: top-1 (%)", "",
            f"Mean ± std over seeds ({'/'.join(map(str, seeds))} per cell); a cell with fewer seeds than the others "
-           "says how many.", ""]
-    for key, title in (("best_top1", "Best epoch"), ("last_top1", "Last epoch")):
-        out += [f"### {title}", "", "| method | " + " | ".join(settings) + " |", "| --- |" + " ---: |" * len(settings)]
-        if key == "best_top1" and any(_values(g, "teacher_top1") for g in groups.values()):
-            cells = []
-            for s in settings:
-                t = [v for (_, s2, _), g in groups.items() if s2 == s for v in _values(g, "teacher_top1")]
-                cells.append(f"{statistics.fmean(t):.2f}" if t else "–")
-            out.append("| teacher (measured at distillation start) | " + " | ".join(cells) + " |")
-        for m, label in methods:
-            cells = []
-            for s in settings:
-                values = _values(groups.get((m, s, label), []), key)
-                n = f" (n={len(values)})" if values and len(values) < max(seeds) else ""
-                cells.append(format_mean_std(values) + n)
-            out.append(f"| {_name(m, label)} | " + " | ".join(cells) + " |")
-        out.append("")
+           "says how many. Each section names its selection rule and the split its numbers are on.", ""]
+    for category, sections in CLASSIFICATION_SECTIONS.items():
+        mine = {k: g for k, g in groups.items() if _category(g) == category}
+        first = True
+        for key, title in sections:
+            if not any(_values(g, key) for g in mine.values()):
+                continue
+            out += [f"### {title}", "", "| method | " + " | ".join(settings) + " |",
+                    "| --- |" + " ---: |" * len(settings)]
+            if first and any(_values(g, "teacher_top1") for g in mine.values()):
+                cells = []
+                for s in settings:
+                    t = [v for (_, s2, _), g in mine.items() if s2 == s for v in _values(g, "teacher_top1")]
+                    cells.append(f"{statistics.fmean(t):.2f}" if t else "–")
+                where = "on test" if category != "held" else "on held-out"
+                out.append(f"| teacher (measured at distillation start, {where}) | " + " | ".join(cells) + " |"
+                           if category != "unrecorded" else
+                           "| teacher (measured at distillation start) | " + " | ".join(cells) + " |")
+            first = False
+            for m, label in methods:
+                if not any((m, s, label) in mine for s in settings):
+                    continue
+                cells = []
+                for s in settings:
+                    values = _values(mine.get((m, s, label), []), key)
+                    n = f" (n={len(values)})" if values and len(values) < max(seeds) else ""
+                    cells.append(format_mean_std(values) + n)
+                out.append(f"| {_name(m, label)} | " + " | ".join(cells) + " |")
+            out.append("")
     return "\n".join(out)
+
+
+def protocol_errors(rows: list[dict]) -> list[str]:
+    """One message per cell (kind, method, setting, overrides) whose finished runs differ in protocol."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "finished":
+            cells.setdefault((r.get("kind"), r["method"], r["setting"], r.get("label", "")), []).append(r)
+    errors = []
+    for (_, m, s, label), g in cells.items():
+        diffs = protocol_differences([(r["run_id"], r.get("protocol")) for r in g])
+        if diffs:
+            errors.append(f"{_name(m, label)} on {s} ({len(g)} runs) differ in " + "; ".join(diffs))
+    return errors
 
 
 def status_markdown(rows: list[dict]) -> str:
@@ -294,7 +369,18 @@ def write_outputs(rows: list[dict], out: Path) -> dict[str, Path]:
         writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
     paths = {"csv": out / "results.csv", "tables": out / "tables.md", "plot": out / "plot.png"}
     atomic_write(paths["csv"], buf.getvalue())
-    parts = [base_to_new_markdown(rows), classification_markdown(rows), status_markdown(rows)]
+    errors = protocol_errors(rows)
+    if errors:
+        listing = "\n".join(f"- {e}" for e in errors)
+        atomic_write(paths["tables"], f"# Sweep {out.name}\n\n{summary_line(rows)}.\n\n## Not averaged: runs of one "
+                                      f"cell made under different protocols\n\n{listing}\n")
+        raise SweepError("runs made under different protocols are not averaged together: " + " | ".join(errors)
+                         + f"; every run is listed in {paths['csv']}: run the cell again under one protocol, or give "
+                         "the differing runs their own setting or override")
+    from abkd_vision.sweep.published import published_markdown
+
+    parts = [base_to_new_markdown(rows), classification_markdown(rows), published_markdown(rows),
+             status_markdown(rows)]
     md = f"# Sweep {out.name}\n\n{summary_line(rows)}.\n\n" + "\n".join(p for p in parts if p)
     atomic_write(paths["tables"], md.rstrip("\n") + "\n")
     plot(rows, paths["plot"])
