@@ -96,8 +96,8 @@ class PromptDistillationModule(DistillationHeadHooks, TeacherLogitCaching, BaseT
             :mod:`abkd_vision.heads` / :mod:`abkd_vision.losses`. Its learnable parameters (CTKD's learned
             temperature) are trained and checkpointed with the prompts; ``log_values()`` are logged per epoch as
             ``train/<name>``; a two-view head (MLKD) needs ``data.init_args.strong_view: true``.
-        kd_weight: lambda (our heads average over the batch, with T^2 where the head has it; see the README for
-            the mapping from PromptKD's and ABKD's conventions).
+        kd_weight: lambda (our heads average over the batch, with T^2 where the head has it; see
+            ``docs/base-to-new.md`` for the mapping from PromptKD's and ABKD's conventions).
         kd_warmup_epochs: the loss is scaled by min((epoch + 1) / kd_warmup_epochs, 1) (0 = off).
         evaluate_teacher: measure the teacher's base/new accuracy once when fitting starts.
         text_cache_dir: on-disk cache of the teacher's text features (reused across runs with the same teacher).

@@ -1,9 +1,10 @@
 """Published numbers (``published.json``) and a sweep's cells set beside them.
 
-``published.json`` holds the numbers the README quotes: the ABKD paper's Tables 11, 12 and 14, the
-logit-standardisation repository's table (KD, CTKD, DKD, MLKD and their +LS runs; 4-run means) and DIST's README,
-each entry with its source, and each source with its protocol (as text, and as the ``results.json`` protocol fields
-a run must match), its number of runs (None where not stated) and its selection rule as far as it is known.
+``published.json`` holds the numbers the docs quote (``docs/cifar100.md``, ``docs/base-to-new.md``): the ABKD
+paper's Tables 11, 12 and 14, the logit-standardisation repository's table (KD, CTKD, DKD, MLKD and their +LS
+runs; 4-run means) and DIST's README, each entry with its source, and each source with its protocol (as text, and
+as the ``results.json`` protocol fields a run must match), its number of runs (None where not stated) and its
+selection rule as far as it is known.
 
 An entry matches a sweep cell by method folder and setting (config stem); an entry with ``alpha_beta`` matches the
 cell whose only overrides are that alpha and beta, any other entry the cell without overrides. For each matched

@@ -18,7 +18,7 @@ OpenAI's; a safetensors file can declare ``quick_gelu`` in its metadata (the :fu
 writes it); for a plain state dict nothing can be checked.
 
 Custom architectures: register an open_clip model config (a JSON file, a folder of them, or a dict) with
-``open_clip.add_model_config`` before building (see the README), then pass its name as ``arch``.
+``open_clip.add_model_config`` before building (see ``docs/base-to-new.md``), then pass its name as ``arch``.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _check_quickgelu(arch: str, cfg: dict, weights_quick_gelu: bool | None, sour
         fix = (f"Use the architecture {want!r} instead." if want is not None else
                f"open_clip has no {act} variant of {arch!r}: set \"quick_gelu\": "
                f"{'true' if weights_quick_gelu else 'false'} in its model config (the JSON file or dict registered "
-               "with open_clip.add_model_config, see the README) and register it under its own name.")
+               "with open_clip.add_model_config, see docs/base-to-new.md) and register it under its own name.")
         raise CLIPWeightsError(
             f"{source} were trained with {act} but architecture {arch!r} uses "
             f"{'QuickGELU' if cfg.get('quick_gelu') else 'GELU'}: the model would run with a silent loss of "
