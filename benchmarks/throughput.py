@@ -17,17 +17,38 @@ Measured in one run, interleaved in blocks so that machine load hits every mode 
 
 ``--channels-last`` runs every mode with NHWC weights and inputs (the modules' ``channels_last`` option).
 
+Then, end to end through Lightning, in the same run (CIFAR-100 files of random images in the official layout, or a
+real copy with ``--cifar100 ROOT``):
+
+* ``fit_pil`` and ``fit_device``: a real ``Trainer.fit`` of ``DistillationModule`` (same teacher, student and KD
+  head) with a warm teacher-logit cache, a fixed number of steps, images/s of the median step after a warm-up (the
+  time between two step ends: data, transfer, step, Lightning's hooks and logging); ``pil``
+  reads the training data through the host path (PIL transform in the DataLoader, ``--fit-workers`` workers, the
+  seeded stream of ``run.py``), ``device`` through ``on_device: true`` (index batches, crop/flip/normalise batched
+  on the training device). Both replay the same stream, so the fit that warms the cache (one host-path fit before
+  the timed ones) fills exactly the views both read; the hit rate is reported.
+* ``data_pil_us_per_img`` and ``data_device_us_per_img``: the data path alone, per image: iterating the host
+  path's training loader (PIL, seeded stream, view ids for the cache) against iterating the device path's loader
+  and materialising its batches.
+
 The last line printed is one JSON object with every figure and ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import pickle
 import statistics
 import tempfile
 import time
+import warnings
+from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,9 +71,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 blocks of 3 steps")
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs in every mode")
     parser.add_argument("--compile", action="store_true", help="also time steps with a torch.compile'd student")
+    parser.add_argument("--fit-steps", type=int, default=8, help="timed steps of each Trainer.fit")
+    parser.add_argument("--fit-warmup", type=int, default=2, help="untimed first steps of each Trainer.fit")
+    parser.add_argument("--fit-workers", type=int, default=0, help="DataLoader workers of the PIL path's fit")
+    parser.add_argument("--data-batches", type=int, default=16, help="batches timed per data-path measurement")
+    parser.add_argument("--cifar100", default=None, help="a real CIFAR-100 root (default: random images)")
     args = parser.parse_args()
     if args.quick:
         args.blocks, args.steps = 2, 3
+        args.fit_steps, args.fit_warmup, args.data_batches = 5, 1, 8
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -113,11 +140,14 @@ def main() -> None:
             kd_step(b, True)
             for fn in modes.values():
                 fn(b)
+        end_to_end = EndToEnd(args)
         times = {name: [] for name in modes}
         for _ in range(args.blocks):
             for name, fn in modes.items():
                 times[name] += [timed(lambda b=b, fn=fn: fn(b)) for b in batches]
+            end_to_end.block()
     img_s = {name: bs / statistics.median(t) for name, t in times.items()}
+    fit = end_to_end.summary()
 
     # each head's forward + backward on [bs, 100] logits, against the student step
     heads = {"kd": KD(), "abkd": KD(divergence=AlphaBetaDivergence(0.8, 0.3)), "dkd": DKD(),
@@ -135,6 +165,10 @@ def main() -> None:
         "teacher": args.teacher, "student": args.student, "batch_size": bs, "threads": torch.get_num_threads(),
         "channels_last": args.channels_last,
         **{f"{k}_img_s": round(v, 1) for k, v in img_s.items()},
+        **fit,
+        "fit_device_over_kd_cached": round(fit["fit_device_img_s"] / img_s["kd_cached"], 3),
+        "fit_pil_over_kd_cached": round(fit["fit_pil_img_s"] / img_s["kd_cached"], 3),
+        "data_device_over_pil_time": round(fit["data_device_us_per_img"] / fit["data_pil_us_per_img"], 4),
         "kd_cached_over_student_time": round(img_s["student"] / img_s["kd_cached"], 3),
         "kd_live_over_plain_loop_time": round(img_s["plain_loop"] / img_s["kd_live"], 3),
         "kd_live_over_student_time": round(img_s["student"] / img_s["kd_live"], 3),
@@ -147,7 +181,143 @@ def main() -> None:
         print(f"{name:16s} {v:8.1f} images/s")
     print(f"KD step with a warm cache: {summary['kd_cached_over_student_time']}x a student-only step; "
           f"the suite's live KD step: {summary['kd_live_over_plain_loop_time']}x the plain PyTorch loop")
+    print(f"Trainer.fit, warm cache: {fit['fit_pil_img_s']:.1f} images/s with the PIL loader, "
+          f"{fit['fit_device_img_s']:.1f} with the device path ({summary['fit_device_over_kd_cached']}x the "
+          f"step-only warm-cache KD step); data path per image: PIL {fit['data_pil_us_per_img']:.1f} us, device "
+          f"{fit['data_device_us_per_img']:.1f} us ({summary['data_device_over_pil_time']}x)")
     print(json.dumps(summary))
+
+
+def write_random_cifar100(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Random uint8 images in the official ``cifar-100-python`` pickle layout (torchvision's md5 check of the real
+    files does not hold for them: the caller patches it out)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "fine_labels": [int(v) for v in rng.integers(0, 100, n)], "coarse_labels": [0] * n}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    from abkd_vision.data import CIFAR100_CLASSES
+
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": list(CIFAR100_CLASSES),
+                                                "coarse_label_names": ["x"] * 20}))
+    return root
+
+
+class EndToEnd:
+    """The end-to-end figures: ``fit_pil_img_s``, ``fit_device_img_s`` (``Trainer.fit``, warm teacher-logit cache) and
+    the data paths' own cost per image, ``data_pil_us_per_img`` and ``data_device_us_per_img``. ``block()`` runs one
+    fit and one data measurement per path; ``main`` calls it inside every block of the step modes, so that the load
+    of the machine hits the fits and the step modes alike."""
+
+    def __init__(self, args):
+        from lightning.pytorch import Callback
+
+        warnings.filterwarnings("ignore")
+        for name in ("lightning.pytorch", "lightning.fabric", "abkd_vision"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self.args = args
+        self.bs, self.steps, self.warm = args.batch_size, args.fit_steps, max(1, args.fit_warmup)
+        self.runs = {"pil": [], "device": []}
+        self.costs = {"pil": [], "device": []}
+        self.stack = contextlib.ExitStack()
+        self.folder = Path(self.stack.enter_context(tempfile.TemporaryDirectory()))
+        if args.cifar100 is None:  # random images: their md5 is not the official files'
+            self.root = write_random_cifar100(self.folder, self.bs * (self.warm + self.steps), self.bs)
+            self.stack.enter_context(mock.patch("torchvision.datasets.cifar.check_integrity",
+                                                lambda path, md5=None: Path(path).is_file()))
+        else:
+            self.root = Path(args.cifar100)
+        state = torch.get_rng_state()
+        torch.manual_seed(1)
+        self.teacher_ckpt = self.folder / "teacher.pth"
+        torch.save(create_model(args.teacher, num_classes=100).state_dict(), self.teacher_ckpt)
+        torch.set_rng_state(state)
+
+        class StepTimes(Callback):
+            def __init__(self):
+                self.ends: list[float] = []
+
+            def on_train_batch_end(self, *unused):
+                self.ends.append(time.perf_counter())
+
+        self.step_times = StepTimes
+        self.fit(False)  # warms the cache with the views of this stream (both paths read the same ones)
+        for on_device in (False, True):  # and warms up both data paths
+            self.data_cost(on_device)
+
+    def data(self, on_device: bool):
+        from abkd_vision.data import CIFAR100DataModule
+
+        d = CIFAR100DataModule(str(self.root), batch_size=self.bs, eval_batch_size=self.bs,
+                               num_workers=self.args.fit_workers, on_device=on_device)
+        d.exact_resume = True  # run.py's host path (ExactResume): the seeded stream the device path replays
+        return d
+
+    def fit(self, on_device: bool) -> tuple[list[float], float]:
+        from lightning.pytorch import Trainer, seed_everything
+
+        from abkd_vision.lit import DistillationModule
+
+        seed_everything(0, verbose=False)
+        module = DistillationModule(student=self.args.student, teacher=self.args.teacher,
+                                    teacher_ckpt=str(self.teacher_ckpt), evaluate_teacher=False,
+                                    teacher_cache=str(self.folder / "cache"), channels_last=self.args.channels_last)
+        times = self.step_times()
+        trainer = Trainer(accelerator="cpu", devices=1, max_steps=self.warm + self.steps, limit_val_batches=0,
+                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=[times])
+        trainer.fit(module, datamodule=self.data(on_device))
+        hits, misses = module.teacher.cache_hits, module.teacher.cache_misses
+        # each interval between two step ends: fetching the batch, moving (and on the device path making) it, the
+        # step, Lightning's hooks and logging
+        ends = times.ends[self.warm - 1:]
+        return [b - a for a, b in zip(ends, ends[1:])], hits / max(1, hits + misses)
+
+    def data_cost(self, on_device: bool) -> float:
+        state = torch.get_rng_state()
+        torch.manual_seed(0)
+        d = self.data(on_device)
+        d.setup("fit")
+        d.return_views = True  # what the cache path reads: (images, target, index, view)
+        loader = d.train_dataloader()
+
+        def epoch() -> int:
+            count = 0
+            for batch in loader:
+                if on_device:
+                    batch = batch.to("cpu").materialise(self.args.channels_last)
+                count += batch[1].numel()
+            return count
+
+        epoch()  # untimed: first-touch costs of a new data module (a run pays them once, not every epoch)
+        start, count = time.perf_counter(), 0
+        while count < self.args.data_batches * self.bs:
+            count += epoch()
+        cost = (time.perf_counter() - start) / count * 1e6
+        torch.set_rng_state(state)
+        return cost
+
+    def block(self) -> None:
+        for name in ("pil", "device"):
+            self.runs[name].append(self.fit(name == "device"))
+            self.costs[name].append(self.data_cost(name == "device"))
+
+    def summary(self) -> dict:
+        self.stack.close()
+
+        def img_s(name: str) -> float:  # the median step, like the step modes
+            return round(self.bs / statistics.median(t for r in self.runs[name] for t in r[0]), 1)
+
+        return {
+            "fit_pil_img_s": img_s("pil"),
+            "fit_device_img_s": img_s("device"),
+            "fit_cache_hit_rate": round(min(r[1] for rs in self.runs.values() for r in rs), 4),
+            "fit_steps": self.steps, "fit_workers": self.args.fit_workers,
+            "data_pil_us_per_img": round(statistics.median(self.costs["pil"]), 1),
+            "data_device_us_per_img": round(statistics.median(self.costs["device"]), 1),
+        }
 
 
 if __name__ == "__main__":

@@ -21,7 +21,13 @@ import math
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["EpochSampler", "ResumableLoader", "SeededViewStream", "SeededViews"]
+__all__ = ["EpochSampler", "ResumableLoader", "SeededViewStream", "SeededViews", "sample_seed"]
+
+
+def sample_seed(seed: int, epoch: int, i: int) -> int:
+    """The seed of torch's CPU generator under which sample ``i`` of epoch ``e`` draws its augmentation (the same
+    on the host path, :class:`SeededViews`, and on the device path, :mod:`abkd_vision.data.device`)."""
+    return (int(seed) * 1_000_003 + int(epoch) * 100_003 + int(i)) % (2**63 - 1)
 
 
 class SeededViews(Dataset):
@@ -43,7 +49,7 @@ class SeededViews(Dataset):
         # seeding every device backend.
         generator = torch.random.default_generator
         state = generator.get_state()
-        generator.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63 - 1))
+        generator.manual_seed(sample_seed(self.seed, epoch, i))
         try:
             item = self.dataset[i]
         finally:

@@ -153,8 +153,31 @@ class CropFlipViews:
         if self.padding > 0:  # RandomCrop.get_params draws nothing when the padded image equals the crop
             dy = int(torch.randint(0, self.side, size=(1,)).item())
             dx = int(torch.randint(0, self.side, size=(1,)).item())
-        flip = bool(torch.rand(1) < 0.5) if self.hflip else False
+        # torchvision's `torch.rand(1) < 0.5`: the float32 draw compared with 0.5 exactly, as a Python float (the
+        # same result and RNG use, one tensor op fewer)
+        flip = torch.rand(1).item() < 0.5 if self.hflip else False
         return dy, dx, flip
+
+    def draw_seeded(self, seeds: Sequence[int]) -> list[tuple[int, int, bool]]:
+        """``draw()`` under each seed in turn (torch's CPU generator seeded with it), the generator restored after.
+
+        The same numbers as ``draw()`` by the same kernels: ``torch.randint(lo, hi, (1,))`` is ``random_(lo, hi)``
+        on a new one-element tensor and ``torch.rand(1)`` is ``uniform_(0, 1)`` on one; here both run on one reused
+        tensor each, which saves the allocations (about 3 us of the 9 us a ``draw()`` costs on the host)."""
+        generator = torch.random.default_generator
+        state = generator.get_state()
+        crop, flip = torch.empty(1, dtype=torch.int64), torch.empty(1, dtype=torch.float32)
+        side, pad, hflip = self.side, self.padding > 0, self.hflip
+        out = []
+        try:
+            for seed in seeds:
+                generator.manual_seed(seed)
+                dy = int(crop.random_(0, side).item()) if pad else 0
+                dx = int(crop.random_(0, side).item()) if pad else 0
+                out.append((dy, dx, flip.uniform_(0, 1).item() < 0.5 if hflip else False))
+        finally:
+            generator.set_state(state)
+        return out
 
     def prepare(self, img: Image.Image) -> Image.Image:
         """The deterministic part before augmentation: RGB, resized to image_size."""
