@@ -6,6 +6,7 @@ ABDKD students over several seeds, with the mean ± std table and the entropy di
     python -m abkd_vision.study                      # ../shared/data/cifar10, 3 seeds, about 30 min on 2 cores
     python -m abkd_vision.study --data my_folder     # any ImageFolder tree with train/ and test/
     python -m abkd_vision.study --arms kd abkd:0.5,0.5 --seeds 0 1 --epochs 5
+    python -m abkd_vision.study --select-ab 0.5,0.5 0.8,0.3 1.0,0.0   # pick (alpha, beta) on held-out images
 
 Everything runs through the suite's own parts: the configs in ``configs/study/cifar10/`` (composed as any run:
 ``base.yaml`` + one file per arm), ``run.py fit`` per run, the sweep runner (resumable: run the same command
@@ -19,6 +20,15 @@ again and only unfinished runs start), the exact teacher-logit cache shared by t
     study.md, study.json    the table: top-1 (best and last epoch) as mean ± std over seeds, and the last epoch's
                             diagnostics (student entropy, target probability, agreement, |LogR|) averaged over seeds
     study.png               best top-1 per arm, and the student's entropy per epoch against the teacher's
+    select/                 with --select-ab: the selection runs' sweep folder (one seed, held-out split)
+
+With ``--select-ab GRID`` the AB arms' points are chosen on held-out images, never on the test images: for each AB
+method among ``--arms`` one run per grid point (seed ``--select-seed``) trains on the training images minus a
+stratified held-out split (``--data.init_args.val_split <--select-val-split>``), and the point with the best
+held-out top-1 at the last epoch (ties: the earlier grid point) becomes that method's arm. Then the chosen arms and
+the others run with every seed on the full training set, as without the option, and ``study.md``/``study.json``
+add the test top-1 (last epoch) of every arm minus KD's, paired over the seeds, with its 95 % t interval
+(:func:`abkd_vision.sweep.stats.paired_difference`), and which point was selected with its held-out accuracy.
 
 This is a small-scale study (a subset, a few epochs, 2 CPU cores): it compares objectives under one budget; it
 does not reproduce the paper's 240-epoch CIFAR-100 numbers.
@@ -38,8 +48,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from abkd_vision.io import atomic_write, atomic_write_with
+from abkd_vision.protocol import is_test
 from abkd_vision.sweep.grid import Run, SweepError, alpha_beta_overrides, split_extra
 from abkd_vision.sweep.runner import SweepOptions, build_command, run_sweep
+from abkd_vision.sweep.stats import paired_difference
 from abkd_vision.sweep.store import log_path, run_dir
 from abkd_vision.sweep.tables import format_mean_std, mean_std
 
@@ -54,7 +66,8 @@ AB_METHODS = ("abkd", "abdkd")
 DIAGNOSTICS = ("student_entropy", "teacher_entropy", "target_prob", "agreement", "logr_abs_mean_over",
                "logr_abs_mean_under")
 
-__all__ = ["Arm", "parse_arm", "prepare_data", "study_runs", "summarize", "main"]
+__all__ = ["Arm", "paired_vs_kd", "parse_arm", "parse_grid", "prepare_data", "select_points", "selection_runs",
+           "study_runs", "summarize", "main"]
 
 
 class StudyError(ValueError):
@@ -147,6 +160,116 @@ def study_runs(arms: Sequence[Arm], seeds: Sequence[int]) -> list[tuple[Run, Arm
                                                                             f"{arm.alpha_beta[1]}"])[0]
         runs += [(Run(arm.method, PAIR, int(seed), configs, tuple(overrides)), arm) for seed in seeds]
     return runs
+
+
+# --- held-out selection of the AB points (--select-ab) --------------------------------------------------------
+
+def parse_grid(specs: Sequence[str]) -> list[tuple[float, float]]:
+    """``["0.5,0.5", "0.8,0.3"]`` -> ``[(0.5, 0.5), (0.8, 0.3)]`` (duplicates dropped, order kept)."""
+    points = []
+    for spec in specs:
+        try:
+            points.append(parse_arm(f"abkd:{spec}").alpha_beta)
+        except StudyError:
+            raise StudyError(f"--select-ab point {spec!r}: write each point as alpha,beta with finite numbers, e.g. "
+                             "--select-ab 0.5,0.5 0.8,0.3") from None
+    if not points:
+        raise StudyError("--select-ab needs at least one alpha,beta point, e.g. --select-ab 0.5,0.5 0.8,0.3")
+    return list(dict.fromkeys(points))
+
+
+def parse_val_split(text: str) -> float | int:
+    """``--select-val-split``: a fraction in (0, 1) such as 0.1, or a whole number of images such as 2000."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isfinite(value) and value.is_integer() and value >= 1:
+        return int(value)
+    if not (math.isfinite(value) and 0 < value < 1):
+        raise StudyError(f"--select-val-split takes a fraction in (0, 1) such as 0.1 or a whole number of images "
+                         f"such as 2000, got {text!r}")
+    return value
+
+
+def selection_runs(methods: Sequence[str], grid: Sequence[tuple[float, float]], seed: int) -> list[tuple[Run, Arm]]:
+    """One run per AB method and grid point, at the one selection seed."""
+    return study_runs([Arm(m, point) for m in methods for point in grid], [seed])
+
+
+def selection_extra(val_split: float | int, split_seed: int) -> list[str]:
+    """The run arguments that hold a stratified split of the training images out (val/* is then on it)."""
+    return ["--data.init_args.val_split", repr(val_split), "--data.init_args.val_split_seed", str(split_seed)]
+
+
+def select_points(rows: Sequence[dict], plan: Sequence[tuple[Run, Arm]]) -> dict[str, dict]:
+    """Per AB method: every grid point's held-out top-1 (last epoch) and the best one (ties: the earlier point).
+    Only held-out numbers are read: a row whose val numbers are on the test split is an error."""
+    by_id = {r["run_id"]: r for r in rows}
+    out: dict[str, dict] = {}
+    for run, arm in plan:
+        row = by_id.get(run.run_id) or {}
+        value = row.get("last_top1") if row.get("status") == "finished" else None
+        if value is not None and is_test(row.get("val_is")):
+            raise StudyError(f"selection run {run.run_id} validated on the test split (val_is {row.get('val_is')!r}),"
+                             " not on a held-out split: the selection would read test images")
+        entry = out.setdefault(arm.method, {"candidates": [], "selected": None})
+        entry["candidates"].append({"alpha": arm.alpha_beta[0], "beta": arm.alpha_beta[1], "run_id": run.run_id,
+                                    "held_out_top1_last": value, "log": row.get("log")})
+    for method, entry in out.items():
+        done = [c for c in entry["candidates"] if c["held_out_top1_last"] is not None
+                and math.isfinite(c["held_out_top1_last"])]
+        if not done:
+            logs = ", ".join(c["log"] or c["run_id"] for c in entry["candidates"])
+            raise StudyError(f"no {method} selection run finished, so no point can be selected; their logs: {logs}")
+        entry["selected"] = max(done, key=lambda c: c["held_out_top1_last"])  # max keeps the first of equals
+    return out
+
+
+def _test_last(row: dict) -> float | None:
+    """The test top-1 (%) at the last epoch of a finished run on the full training set."""
+    if row.get("test_top1_last") is not None:
+        return row["test_top1_last"]
+    return row.get("last_top1") if is_test(row.get("val_is")) else None
+
+
+def paired_vs_kd(rows: Sequence[dict], plan: Sequence[tuple[Run, Arm]]) -> list[dict]:
+    """Every arm's test top-1 (last epoch) minus KD's, paired over the seeds both finished."""
+    values: dict[Arm, dict[int, float]] = {}
+    by_id = {r["run_id"]: r for r in rows}
+    for run, arm in plan:
+        row = by_id.get(run.run_id) or {}
+        value = _test_last(row) if row.get("status") == "finished" else None
+        mine = values.setdefault(arm, {})
+        if value is not None and math.isfinite(value):
+            mine[run.seed] = value
+    kd = values.get(Arm("kd"), {})
+    return [{"arm": arm.name, "method": arm.method, "alpha_beta": arm.alpha_beta, "paired": paired_difference(v, kd)}
+            for arm, v in values.items() if arm != Arm("kd")]
+
+
+def selection_markdown(selection: dict, paired: Sequence[dict]) -> str:
+    lines = ["## Held-out selection of (α, β) and paired differences to KD", "",
+             f"Selected on a held-out split of the training images (val_split {selection['val_split']}, split seed "
+             f"{selection['split_seed']}, stratified per class; training seed {selection['seed']}): top-1 on the "
+             "held-out images at the last epoch. The choice reads only these held-out numbers (run.py also tests each "
+             "selection run on the test split after its fit; those numbers are not read). The teacher trained on all "
+             "training images, the held-out ones included.", "",
+             "| method | α | β | held-out top-1 last (%) | selected |", "|---|---|---|---|---|"]
+    for method, entry in selection["methods"].items():
+        for c in entry["candidates"]:
+            chosen = "yes" if c == entry["selected"] else ""
+            lines.append(f"| {method} | {c['alpha']:g} | {c['beta']:g} | {_fmt(c['held_out_top1_last'], 2)} | "
+                         f"{chosen} |")
+    lines += ["", "Test top-1 at the last epoch (no selection; full training set) minus KD's, paired over seeds, "
+              "with the 95 % t interval of the mean difference.", "",
+              "| arm | seeds | difference to KD (points) | 95 % CI |", "|---|---|---|---|"]
+    for p in paired:
+        d = p["paired"]
+        diff = "–" if not d["n"] else f"{d['diff_mean']:+.2f} ± {d['diff_std']:.2f}"
+        ci = "–" if d["ci95"] is None else f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+        lines.append(f"| {p['arm']} | {d['n']} | {diff} | {ci} |")
+    return "\n".join(lines + [""])
 
 
 # --- report ---------------------------------------------------------------------------------------------------
@@ -263,6 +386,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="student runs at a time (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: CPU cores / workers)")
     p.add_argument("--no-cache", action="store_true", help="run the live teacher in every step (no logit cache)")
+    p.add_argument("--select-ab", nargs="+", metavar="ALPHA,BETA",
+                   help="choose each AB arm's point from this grid on held-out training images (e.g. 0.5,0.5 "
+                        "0.8,0.3 1.0,0.0), then confirm it with every seed on the test split against KD")
+    p.add_argument("--select-val-split", default="0.1", metavar="SIZE",
+                   help="with --select-ab: the held-out part of the training images, a fraction or a number of "
+                        "images (default: %(default)s)")
+    p.add_argument("--select-seed", type=int, default=0,
+                   help="with --select-ab: the training seed of the selection runs (default: %(default)s)")
+    p.add_argument("--select-split-seed", type=int, default=0,
+                   help="with --select-ab: the seed that draws the held-out split (default: %(default)s)")
     p.add_argument("--extra", default="", help="more run.py arguments for every run, e.g. '--trainer.precision "
                                                "bf16-mixed'")
     return p
@@ -312,6 +445,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     arms = list(dict.fromkeys(parse_arm(a) for a in args.arms))
+    grid = ab_methods = None
+    if args.select_ab is not None:
+        grid, val_split = parse_grid(args.select_ab), parse_val_split(args.select_val_split)
+        ab_methods = list(dict.fromkeys(a.method for a in arms if a.method in AB_METHODS))
+        if not ab_methods:
+            raise StudyError(f"--select-ab chooses the point of the AB arms, but --arms has none: add "
+                             f"{' or '.join(AB_METHODS)}")
+        if Arm("kd") not in arms:
+            raise StudyError("--select-ab compares the selected points with KD over the seeds: add kd to --arms")
     for name, value in (("--epochs", args.epochs), ("--teacher-epochs", args.teacher_epochs),
                         ("--per-class", args.per_class), ("--workers", args.workers), ("--threads", args.threads)):
         if value is not None and value < 1:
@@ -357,6 +499,27 @@ def _study(args: argparse.Namespace) -> int:
             cmd += ["--model.init_args.teacher_cache", "null"]
         return cmd
 
+    selection = None
+    if grid is not None:
+        sel_plan = selection_runs(ab_methods, grid, args.select_seed)
+        sel_opts = SweepOptions(out=out / "select", workers=args.workers,
+                                extra=student_extra + selection_extra(val_split, args.select_split_seed))
+        print(f"selection: {len(sel_plan)} run(s) ({', '.join(ab_methods)} x {len(grid)} point(s), seed "
+              f"{args.select_seed}) on the training images minus a held-out split ({val_split})", flush=True)
+        with _threads_per_run(student_threads):
+            sel_result = run_sweep([run for run, _ in sel_plan], sel_opts, command=command)
+        if sel_result.interrupted:
+            return sel_result.exit_code
+        selection = {"grid": [list(p) for p in grid], "val_split": val_split, "split_seed": args.select_split_seed,
+                     "seed": args.select_seed, "selected_on": "held-out split of the training set, last epoch",
+                     "methods": select_points(sel_result.rows, sel_plan)}
+        for method, entry in selection["methods"].items():
+            best = entry["selected"]
+            print(f"selected {method} (α={best['alpha']:g}, β={best['beta']:g}): held-out top-1 "
+                  f"{best['held_out_top1_last']:.2f}", flush=True)
+        chosen = {m: Arm(m, (e["selected"]["alpha"], e["selected"]["beta"])) for m, e in selection["methods"].items()}
+        arms = list(dict.fromkeys(chosen.get(a.method, a) for a in arms))
+
     s_opts = SweepOptions(out=out / "students", workers=args.workers, extra=student_extra)
     plan = study_runs(arms, args.seeds)
     runs = [run for run, _ in plan]
@@ -375,15 +538,20 @@ def _study(args: argparse.Namespace) -> int:
              f"invocation {minutes:.1f} min wall on {cores} CPU core(s). A small-scale study: it compares "
              "objectives under one budget and does not reproduce the paper's CIFAR-100 numbers.")
     summary["setup"] = setup
+    report = markdown(summary, setup)
+    if selection is not None:
+        summary["selection"] = selection
+        summary["paired_vs_kd"] = paired_vs_kd(s_result.rows, plan)
+        report += "\n" + selection_markdown(selection, summary["paired_vs_kd"])
     atomic_write(out / "study.json", json.dumps(summary, indent=2))
-    atomic_write(out / "study.md", markdown(summary, setup))
+    atomic_write(out / "study.md", report)
     try:
         plot(summary, out / "study.png")
     except ImportError:
         print("matplotlib is not installed: study.png skipped", file=sys.stderr)
-    print(markdown(summary, setup))
+    print(report)
     print(f"outputs: {out / 'study.md'}  {out / 'study.json'}  {out / 'study.png'}")
-    return s_result.exit_code
+    return s_result.exit_code or (sel_result.exit_code if grid is not None else 0)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,69 @@ def test_a_teacher_without_checkpoint_stops_the_study_naming_its_log(tmp_path, c
     assert "the teacher run did not finish" in err and "teacher__resnet20__seed0.log" in err
     assert "batch_size 64 with drop_last leaves 0 batches from 6 training images" in err  # refused before training
     assert not (tmp_path / "study" / "students").exists()
+
+
+def test_select_ab_picks_on_held_out_and_confirms_against_kd(tmp_path, monkeypatch):
+    """--select-ab with a fake run launcher: the held-out best point is chosen (test numbers of the selection runs
+    would pick another), the selection runs hold a split out, the final runs do not, and the paired statistics
+    against KD are the hand-computed ones."""
+    from abkd_vision.data.splits import HELD_OUT, PAPER_PROTOCOL
+    from abkd_vision.sweep.runner import SweepResult, build_command
+
+    for split in ("train", "test"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    held_out = {(0.5, 0.5): 40.0, (0.8, 0.3): 45.0, (1.0, 0.0): 42.0}
+    test_of_selection_runs = {(0.5, 0.5): 60.0, (0.8, 0.3): 10.0, (1.0, 0.0): 10.0}  # must not be read
+    final = {("kd", 0): 50.0, ("kd", 1): 48.0, ("kd", 2): 49.0, ("abkd", 0): 51.0, ("abkd", 1): 50.0,
+             ("abkd", 2): 49.5}
+    sweeps = []
+
+    def fake_run_sweep(runs, opts, command=None):
+        cmds = [(command or build_command)(r, opts) for r in runs]
+        sweeps.append((Path(opts.out).name, runs, cmds))
+        rows = []
+        for r in runs:
+            row = {"run_id": r.run_id, "seed": r.seed, "status": "finished", "seconds": 1.0, "log": "",
+                   "run_dir": str(tmp_path / "nowhere")}
+            ab = tuple(float(v) for k, v in r.overrides if k.endswith((".alpha", ".beta"))) or None
+            if r.method == "teacher":
+                ckpt = Path(opts.out) / "runs" / r.run_id / "version_0" / "checkpoints" / "last.ckpt"
+                ckpt.parent.mkdir(parents=True)
+                ckpt.write_text("")
+                row.update(best_top1=70.0, last_top1=70.0, val_is=PAPER_PROTOCOL)
+            elif Path(opts.out).name == "select":
+                row.update(best_top1=held_out[ab], last_top1=held_out[ab], val_is=HELD_OUT,
+                           test_top1_last=test_of_selection_runs[ab])
+            else:
+                v = final[(r.method, r.seed)]
+                row.update(best_top1=v, last_top1=v, val_is=PAPER_PROTOCOL)
+            rows.append(row)
+        return SweepResult(rows=rows, failed=[])
+
+    monkeypatch.setattr(study, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(study, "plot", lambda summary, path: None)
+    out = tmp_path / "study"
+    assert study.main(["--data", str(tmp_path / "data"), "--out", str(out), "--arms", "kd", "abkd:0.5,0.5",
+                       "--select-ab", "0.5,0.5", "0.8,0.3", "1.0,0.0", "--select-val-split", "0.1"]) == 0
+    assert [name for name, _, _ in sweeps] == ["teacher", "select", "students"]
+    _, sel_runs, sel_cmds = sweeps[1]
+    assert len(sel_runs) == 3 and {r.seed for r in sel_runs} == {0}
+    for cmd in sel_cmds:
+        i = cmd.index("--data.init_args.val_split")
+        assert cmd[i + 1] == "0.1" and cmd.count("--data.init_args.val_split") == 1  # never "null" after it
+    _, final_runs, final_cmds = sweeps[2]
+    assert all("--data.init_args.val_split" not in cmd for cmd in final_cmds)  # confirmed on the full training set
+    assert sorted(r.run_id for r in final_runs if r.method == "abkd") == [
+        f"abkd__resnet20-resnet8__seed{s}__alpha=0.8__beta=0.3" for s in (0, 1, 2)]
+    summary = json.loads((out / "study.json").read_text())
+    chosen = summary["selection"]["methods"]["abkd"]["selected"]
+    assert (chosen["alpha"], chosen["beta"], chosen["held_out_top1_last"]) == (0.8, 0.3, 45.0)
+    (paired,) = summary["paired_vs_kd"]
+    d = paired["paired"]
+    # differences 1.0, 2.0, 0.5: mean 7/6, sample std sqrt(7/12), half width t(0.975, 2) * std / sqrt(3)
+    assert d["differences"] == [1.0, 2.0, 0.5] and d["diff_mean"] == pytest.approx(7 / 6)
+    half = 4.302653 * (7 / 12) ** 0.5 / 3 ** 0.5
+    assert d["ci95"] == pytest.approx([7 / 6 - half, 7 / 6 + half])
+    table = (out / "study.md").read_text()
+    assert "## Held-out selection of (α, β)" in table and "| abkd | 0.8 | 0.3 | 45.00 | yes |" in table
+    assert f"| abkd (α=0.8, β=0.3) | 3 | +1.17 ± 0.76 | [{7 / 6 - half:+.2f}, {7 / 6 + half:+.2f}] |" in table
