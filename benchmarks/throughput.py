@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import json
 import logging
-import pickle
 import statistics
 import tempfile
 import time
@@ -48,7 +47,6 @@ import warnings
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -191,18 +189,9 @@ def main() -> None:
 def write_random_cifar100(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
     """Random uint8 images in the official ``cifar-100-python`` pickle layout (torchvision's md5 check of the real
     files does not hold for them: the caller patches it out)."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", n_train), ("test", n_test)):
-        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "fine_labels": [int(v) for v in rng.integers(0, 100, n)], "coarse_labels": [0] * n}
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
-    from abkd_vision.data import CIFAR100_CLASSES
+    from abkd_vision.data.synthetic import write_fake_cifar100
 
-    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": list(CIFAR100_CLASSES),
-                                                "coarse_label_names": ["x"] * 20}))
-    return root
+    return write_fake_cifar100(root, n_train, n_test, seed)
 
 
 class EndToEnd:

@@ -53,17 +53,6 @@ def parse_only_cli(*configs: Path):
 def fake_cifar100(root: Path, n_train: int = 16, n_test: int = 8, seed: int = 0) -> Path:
     """Random images in the official ``cifar-100-python`` pickle layout under ``root`` (torchvision's md5 check
     of the real files must be patched out to load them: ``torchvision.datasets.cifar.check_integrity``)."""
-    import pickle
+    from abkd_vision.data.synthetic import write_fake_cifar100
 
-    from abkd_vision.data import CIFAR100_CLASSES
-
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", n_train), ("test", n_test)):
-        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "fine_labels": [int(v) for v in rng.integers(0, 100, n)], "coarse_labels": [0] * n}
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
-    meta = {"fine_label_names": list(CIFAR100_CLASSES), "coarse_label_names": ["x"] * 20}
-    (folder / "meta").write_bytes(pickle.dumps(meta))
-    return root
+    return write_fake_cifar100(root, n_train, n_test, seed)

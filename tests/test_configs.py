@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import pickle
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import parse_only_cli
+from helpers import fake_cifar100, parse_only_cli
 
-from abkd_vision.data import CIFAR100_CLASSES
 from abkd_vision.heads import DIST, DKD, KD, LSD, MLKD, NKD, TTM, CurriculumTemperature
 from abkd_vision.lit import ClassifierModule, DistillationModule
 from abkd_vision.losses import AlphaBetaDivergence
@@ -316,17 +313,7 @@ def test_print_config_subprocess():
 
 def write_fake_cifar100(root: Path, n_train: int = 16, n_test: int = 8) -> Path:
     """A tiny dataset in the official ``cifar-100-python`` pickle format (random pixels and labels)."""
-    rng = np.random.default_rng(0)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    for name, n in (("train", n_train), ("test", n_test)):
-        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "fine_labels": [int(v) for v in rng.integers(0, 100, n)], "coarse_labels": [0] * n}
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f, protocol=2)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": list(CIFAR100_CLASSES), "coarse_label_names": ["x"] * 20}, f)
-    return root
+    return fake_cifar100(root, n_train, n_test)
 
 
 FAST_PAIR = "resnet56-resnet20"

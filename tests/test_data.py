@@ -25,6 +25,7 @@ from abkd_vision.data import (
     export_image_folder,
     export_npz_cifar,
 )
+from abkd_vision.data.synthetic import write_fake_cifar100
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared" / "data").resolve()
@@ -190,24 +191,9 @@ def test_cifar_download_failure_is_file_not_found(tmp_path, monkeypatch):
 
 
 def _write_fake_cifar100(root: Path, n_train: int = 20, n_test: int = 10) -> None:
-    """Tiny dataset in the official ``cifar-100-python`` pickle format.
-
-    The official files are Python-2 pickles whose keys load as ``str`` with ``encoding="latin1"`` (as
-    torchvision loads them); a Python-3 pickle with ``str`` keys loads identically.
-    """
-    rng = np.random.default_rng(0)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    for name, n in (("train", n_train), ("test", n_test)):
-        entry = {
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),  # rows: R plane, G plane, B plane
-            "fine_labels": [int(v) for v in rng.integers(0, 100, n)],
-            "coarse_labels": [0] * n,
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f, protocol=2)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": list(CIFAR100_CLASSES), "coarse_label_names": ["x"] * 20}, f)
+    """Tiny dataset in the official ``cifar-100-python`` pickle format (a Python-3 pickle with ``str`` keys loads
+    as the official Python-2 pickles do with ``encoding="latin1"``)."""
+    write_fake_cifar100(root, n_train, n_test)
 
 
 def test_cifar_loads_official_format(tmp_path, monkeypatch):

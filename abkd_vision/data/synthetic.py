@@ -1,4 +1,5 @@
-"""Write small datasets in the CoOp layout: random images for tests and smoke runs, or given image arrays.
+"""Write small datasets: random images in the CoOp layout or in CIFAR-100's own layout, for tests, benchmarks and
+smoke runs, or given image arrays in the CoOp layout.
 
 ``write_fake_coop_dataset(root, "EuroSAT", num_classes=10)`` writes the exact files the readers expect (a split
 JSON, FGVCAircraft's text lists, or ImageNet's classnames.txt and folders), so every reader and the whole
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +20,27 @@ from PIL import Image
 
 from abkd_vision.data.coop import EUROSAT_CLASS_NAMES, LAYOUTS, SPLITS, _check_dataset
 
-__all__ = ["export_arrays_as_coop", "write_fake_coop_dataset"]
+__all__ = ["export_arrays_as_coop", "write_fake_cifar100", "write_fake_coop_dataset"]
+
+
+def write_fake_cifar100(root: str | os.PathLike, n_train: int = 16, n_test: int = 8, seed: int = 0) -> Path:
+    """Random uint8 images and labels in the official ``cifar-100-python`` pickle layout under ``root``; returns
+    ``root``. Rows hold the R, G and B planes as in the real files; the pickles have ``str`` keys, which load as the
+    official Python-2 pickles do with torchvision's ``encoding="latin1"``. torchvision's md5 check of the real
+    files fails on them: callers patch ``torchvision.datasets.cifar.check_integrity`` to load them."""
+    from abkd_vision.data.cifar import CIFAR100_CLASSES
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "fine_labels": [int(v) for v in rng.integers(0, 100, n)], "coarse_labels": [0] * n}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    meta = {"fine_label_names": list(CIFAR100_CLASSES), "coarse_label_names": ["x"] * 20}
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+    return root
 
 
 def _check_names(dataset: str, names: Sequence[str]) -> list[str]:

@@ -123,6 +123,20 @@ def _read(path: Path, trusted: bool):
         ) from err
 
 
+def copy_checked(path, model: nn.Module, mapped: dict, unmapped: list[str], required: list[str], hint: str) -> None:
+    """Copy ``mapped`` tensors into ``model``'s state (cast to its dtypes), strictly: a ``required`` key missing
+    from ``mapped``, an ``unmapped`` key or a shape mismatch is a CheckpointError listing them, then ``hint``."""
+    expected = model.state_dict()
+    missing = [k for k in required if k not in mapped]
+    mismatched = [(k, list(v.shape), list(expected[k].shape)) for k, v in mapped.items()
+                  if v.shape != expected[k].shape]
+    if missing or unmapped or mismatched:
+        raise CheckpointError(mismatch_message(path, model, "", missing, unmapped, mismatched) + "\n" + hint)
+    with torch.no_grad():
+        for key, value in mapped.items():
+            expected[key].copy_(value.to(expected[key].dtype))
+
+
 def load_prompt_checkpoint(model: nn.Module, path: str | Path, trusted: bool = False) -> dict:
     """Load the prompts (and, from PromptKD files, the frozen CLIP weights) in ``path`` into ``model`` strictly.
 
@@ -156,20 +170,10 @@ def load_prompt_checkpoint(model: nn.Module, path: str | Path, trusted: bool = F
         expected = model.state_dict()
         mapped = {k: v for k, v in stripped.items() if k in expected}
         unmapped = [k for k in stripped if k not in expected]
-    expected = model.state_dict()
     prompts = [name for name, _ in prompt_parameters(model)]
-    missing = [k for k in prompts if k not in mapped]
-    mismatched = [(k, list(v.shape), list(expected[k].shape)) for k, v in mapped.items()
-                  if v.shape != expected[k].shape]
-    if missing or unmapped or mismatched:
-        raise CheckpointError(
-            mismatch_message(path, model, "", missing, unmapped, mismatched)
-            + "\nThe prompts must match the teacher's architecture, prompt tokens and depths (PromptKD's teachers: "
-            "ViT-L-14-quickgelu, 4 tokens, text and vision depth 9)."
-        )
-    with torch.no_grad():
-        for key, value in mapped.items():
-            expected[key].copy_(value.to(expected[key].dtype))
+    copy_checked(path, model, mapped, unmapped, prompts,
+                 "The prompts must match the teacher's architecture, prompt tokens and depths (PromptKD's teachers: "
+                 "ViT-L-14-quickgelu, 4 tokens, text and vision depth 9).")
     log.info("loaded %d prompt tensors (+%d frozen CLIP tensors) from %s (%s format)", len(prompts),
              len(mapped) - len(prompts), path, meta["format"])
     return meta
@@ -280,18 +284,9 @@ def load_student_checkpoint(student: nn.Module, path: str | Path, trusted: bool 
         mapped = {k: v for k, v in state.items() if k in expected}
         unmapped = [k for k in state if k not in expected]
     _check_projector_widths(path, student, mapped)
-    missing = [k for k in _student_trained_keys(student) if k not in mapped]
-    mismatched = [(k, list(v.shape), list(expected[k].shape)) for k, v in mapped.items()
-                  if v.shape != expected[k].shape]
-    if missing or unmapped or mismatched:
-        raise CheckpointError(
-            mismatch_message(path, student, "", missing, unmapped, mismatched)
-            + "\nThe student must match the checkpoint's image architecture, prompt tokens and depth and the "
-            "projector's widths (PromptKD's students: ViT-B-16-quickgelu, 4 tokens, vision depth 9, 512 -> 768)."
-        )
-    with torch.no_grad():
-        for key, value in mapped.items():
-            expected[key].copy_(value.to(expected[key].dtype))
+    copy_checked(path, student, mapped, unmapped, _student_trained_keys(student),
+                 "The student must match the checkpoint's image architecture, prompt tokens and depth and the "
+                 "projector's widths (PromptKD's students: ViT-B-16-quickgelu, 4 tokens, vision depth 9, 512 -> 768).")
     log.info("loaded the student's %d prompt and projector tensors (+%d frozen tensors) from %s (%s format)",
              len(_student_trained_keys(student)), len(mapped) - len(_student_trained_keys(student)), path,
              meta["format"])
