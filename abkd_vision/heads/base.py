@@ -152,6 +152,15 @@ class DistillationHead(nn.Module):
                 f"got {tuple(target.shape)} {target.dtype}"
             )
 
+    def _check_labelled(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None) -> None:
+        """The input checks of a head that splits target and non-target classes (DKD, NKD)."""
+        name = type(self).__name__
+        if target is None:
+            raise ValueError(f"{name} needs the ground-truth target to split target and non-target classes")
+        self._check_logits(student_logits, teacher_logits, target)
+        if student_logits.shape[-1] < 2:
+            raise ValueError(f"{name} needs at least 2 classes")
+
     def _transforms_repr(self) -> str:
         return ", standardize=True" if self.standardize else ""
 

@@ -52,11 +52,7 @@ class DKD(DistillationHead):
         self.nckd_weight = check_weight("nckd_weight", nckd_weight)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
-        if target is None:
-            raise ValueError("DKD needs the ground-truth target to split target and non-target classes")
-        self._check_logits(student_logits, teacher_logits, target)
-        if student_logits.shape[-1] < 2:
-            raise ValueError("DKD needs at least 2 classes")
+        self._check_labelled(student_logits, teacher_logits, target)
         student, teacher = self.prepare(student_logits, teacher_logits)
         t = self.temperature_for(student, teacher, self.temperature)
         binary_t, others_t = split_target((teacher / t).log_softmax(dim=-1), target)

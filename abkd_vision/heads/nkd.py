@@ -36,11 +36,7 @@ class NKD(DistillationHead):
         self.gamma = check_weight("gamma", gamma)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
-        if target is None:
-            raise ValueError("NKD needs the ground-truth target to split target and non-target classes")
-        self._check_logits(student_logits, teacher_logits, target)
-        if student_logits.shape[-1] < 2:
-            raise ValueError("NKD needs at least 2 classes")
+        self._check_labelled(student_logits, teacher_logits, target)
         student, teacher = self.prepare(student_logits, teacher_logits)
         index = target.view(-1, 1)
         target_weight = teacher.softmax(dim=-1).gather(1, index).squeeze(1).detach()

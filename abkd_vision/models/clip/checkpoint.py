@@ -123,6 +123,19 @@ def _read(path: Path, trusted: bool):
         ) from err
 
 
+def _read_state(path: str | Path, trusted: bool, what: str) -> tuple[Path, object, dict]:
+    """``(path, the file's object, its state dict of tensors)``; a missing file or one without a state dict of
+    tensors is an error naming ``what`` and the path."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    obj = _read(path, trusted)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"no state dict of tensors in {path} (found {type(obj).__name__})")
+    return path, obj, state
+
+
 def copy_checked(path, model: nn.Module, mapped: dict, unmapped: list[str], required: list[str], hint: str) -> None:
     """Copy ``mapped`` tensors into ``model``'s state (cast to its dtypes), strictly: a ``required`` key missing
     from ``mapped``, an ``unmapped`` key or a shape mismatch is a CheckpointError listing them, then ``hint``."""
@@ -144,13 +157,7 @@ def load_prompt_checkpoint(model: nn.Module, path: str | Path, trusted: bool = F
     None, "epoch": ...}``; ``num_prompt_classes`` is the class count a PromptKD teacher's prompt buffers were made
     for (its base classes).
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher prompt checkpoint not found: {path}")
-    obj = _read(path, trusted)
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"no state dict of tensors in {path} (found {type(obj).__name__})")
+    path, obj, state = _read_state(path, trusted, "teacher prompt checkpoint")
     meta = {"format": "abkd", "class_names": None, "num_prompt_classes": None,
             "epoch": obj.get("epoch") if isinstance(obj, dict) else None}
     if any(k.startswith(_PROMPTKD_PROJECTOR) for k in state):
@@ -257,13 +264,7 @@ def load_student_checkpoint(student: nn.Module, path: str | Path, trusted: bool 
         CheckpointError: a pickling file without ``trusted``, a teacher's file, projector widths that do not fit
             the student and teacher (names both), or any missing/unexpected/mis-shaped key (lists them).
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"student checkpoint not found: {path}")
-    obj = _read(path, trusted)
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"no state dict of tensors in {path} (found {type(obj).__name__})")
+    path, obj, state = _read_state(path, trusted, "student checkpoint")
     meta = {"format": "abkd", "class_names": obj.get("class_names") if isinstance(obj, dict) else None,
             "epoch": obj.get("epoch") if isinstance(obj, dict) else None}
     expected = student.state_dict()
