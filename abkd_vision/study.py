@@ -466,8 +466,10 @@ def _study(args: argparse.Namespace) -> int:
     teacher_threads = args.threads or cores
     student_threads = args.threads or max(1, cores // args.workers)
 
+    # with --select-ab every AB method keeps one arm: the point the selection chooses
+    n_arms = len(dict.fromkeys(a.method if ab_methods and a.method in ab_methods else a for a in arms))
     print(f"study: data {data_root}; teacher {TEACHER[1]}, students {PAIR.split('-')[1]}; "
-          f"{len(arms)} arms x {len(args.seeds)} seeds; {args.workers} runs at a time", flush=True)
+          f"{n_arms} arms x {len(args.seeds)} seeds; {args.workers} runs at a time", flush=True)
     t_run = teacher_run()
     t_opts = SweepOptions(out=out / "teacher", workers=1, extra=_common(args, data_root, args.teacher_epochs))
     with _threads_per_run(teacher_threads):
@@ -499,7 +501,7 @@ def _study(args: argparse.Namespace) -> int:
             cmd += ["--model.init_args.teacher_cache", "null"]
         return cmd
 
-    selection = None
+    selection, sel_result = None, None
     if grid is not None:
         sel_plan = selection_runs(ab_methods, grid, args.select_seed)
         sel_opts = SweepOptions(out=out / "select", workers=args.workers,
@@ -528,12 +530,14 @@ def _study(args: argparse.Namespace) -> int:
 
     summary = summarize(s_result.rows, {run.run_id: arm for run, arm in plan}, teacher)
     minutes = (time.time() - start) / 60
-    compute = (sum(r.get("seconds") or 0.0 for r in s_result.rows) + (teacher["seconds"] or 0.0)) / 60
+    sel_rows = sel_result.rows if sel_result is not None else []
+    compute = (sum(r.get("seconds") or 0.0 for r in [*sel_rows, *s_result.rows]) + (teacher["seconds"] or 0.0)) / 60
+    counted = f"{len(sel_rows)} selection and {len(runs)} confirmation" if sel_result is not None else f"{len(runs)}"
     epochs = args.epochs or 10
     setup = (f"Data: {data_root} (train on {args.per_class or 300} images per class; test on the whole test "
              f"split). Teacher {TEACHER[1]} ({args.teacher_epochs or 10} epochs on all training images); students "
              f"{PAIR.split('-')[1]}, {epochs} epochs, batch 64, SGD lr 0.05, seeds {', '.join(map(str, args.seeds))}"
-             f". {len(runs)} student runs, {args.workers} at a time with {student_threads} thread(s) each. Teacher "
+             f". {counted} student runs, {args.workers} at a time with {student_threads} thread(s) each. Teacher "
              f"{(teacher['seconds'] or 0) / 60:.1f} min; all runs {compute:.1f} min of process time summed; this "
              f"invocation {minutes:.1f} min wall on {cores} CPU core(s). A small-scale study: it compares "
              "objectives under one budget and does not reproduce the paper's CIFAR-100 numbers.")
@@ -551,7 +555,7 @@ def _study(args: argparse.Namespace) -> int:
         print("matplotlib is not installed: study.png skipped", file=sys.stderr)
     print(report)
     print(f"outputs: {out / 'study.md'}  {out / 'study.json'}  {out / 'study.png'}")
-    return s_result.exit_code or (sel_result.exit_code if grid is not None else 0)
+    return s_result.exit_code or (sel_result.exit_code if sel_result is not None else 0)
 
 
 if __name__ == "__main__":

@@ -163,5 +163,7 @@ def test_select_ab_picks_on_held_out_and_confirms_against_kd(tmp_path, monkeypat
     half = 4.302653 * (7 / 12) ** 0.5 / 3 ** 0.5
     assert d["ci95"] == pytest.approx([7 / 6 - half, 7 / 6 + half])
     table = (out / "study.md").read_text()
+    # the cost line counts the selection runs too: 3 selection + 6 confirmation runs + the teacher, 1 s each
+    assert "3 selection and 6 confirmation student runs" in table and "all runs 0.2 min of process time" in table
     assert "## Held-out selection of (α, β)" in table and "| abkd | 0.8 | 0.3 | 45.00 | yes |" in table
     assert f"| abkd (α=0.8, β=0.3) | 3 | +1.17 ± 0.76 | [{7 / 6 - half:+.2f}, {7 / 6 + half:+.2f}] |" in table
