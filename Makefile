@@ -19,9 +19,12 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# one pytest-xdist worker per core (at most 4), whole test files per worker so that module fixtures are built once;
+# tests/conftest.py gives each worker and the processes it starts its share of the threads
+TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_divergence.py

@@ -8,6 +8,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Under pytest-xdist (make test runs one worker per core) each worker and the processes it starts take their
+# share of the cores: OpenMP threads that outnumber the cores spin against each other and run several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    import torch
+
+    torch.set_num_threads(_threads)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _abkd_cache_dir(tmp_path_factory):
