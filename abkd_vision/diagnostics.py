@@ -39,9 +39,10 @@ means no concentration, 1 means all the movement is on those k classes. Images w
 
 Which divergence and temperature: by default the module's ``head.divergence`` (forward KL when the module has no
 head) applied to the full tempered distributions p = softmax(z_t / T), q = softmax(z_s / T), with T the head's
-``temperature`` for a :class:`~abkd_vision.heads.KD` head and 1 otherwise (DKD's decoupling, LSD's
-standardisation and TTM's power transform are not reproduced: the LogR is that of the divergence itself). Entropy,
-target probability and agreement are always at T = 1.
+``temperature`` for a :class:`~abkd_vision.heads.KD` head (its learned temperature when it has one, CTKD: per
+batch, and per image in the instance mode; ``diagnostics.json`` then records the epoch's mean) and 1 otherwise
+(DKD's decoupling, LSD's standardisation and TTM's power transform are not reproduced: the LogR is that of the
+divergence itself). Entropy, target probability and agreement are always at T = 1.
 
 Logits are taken without changing the modules, by duck typing: ``pl_module.diagnostic_logits(batch) ->
 (student_logits, teacher_logits, target or None)`` when the module has it; else a base-to-new module
@@ -75,7 +76,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from abkd_vision.io import atomic_write
 from abkd_vision.losses import Divergence, ForwardKL, build_divergence
@@ -90,7 +91,7 @@ _SUM_KEYS = ("n", "entropy", "teacher_entropy", "n_target", "target_prob", "agre
 
 
 def log_mass_ratio(student_logits: Tensor, teacher_logits: Tensor, divergence: Divergence | None = None,
-                   eta: float = 1.0, temperature: float = 1.0) -> Tensor:
+                   eta: float = 1.0, temperature: float | Tensor = 1.0) -> Tensor:
     """The log mass ratio ``LogR(y) = log q_{t+1}(y) - log q_t(y)`` of one gradient step (ABKD §3.1, eq. 5).
 
     ``q_t = softmax(f)`` with ``f = student_logits / temperature``, ``p = softmax(teacher_logits / temperature)``,
@@ -101,6 +102,8 @@ def log_mass_ratio(student_logits: Tensor, teacher_logits: Tensor, divergence: D
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(student_logits.device.type, enabled=False):
         # clones made outside inference mode are ordinary tensors autograd can use
+        if isinstance(temperature, Tensor):  # a learned one: 0-dim or [B, 1]
+            temperature = temperature.detach().to(device=student_logits.device, dtype=dtype)
         f = (student_logits.detach().to(dtype).clone() / temperature).requires_grad_(True)
         log_p = (teacher_logits.detach().to(dtype).clone() / temperature).log_softmax(dim=-1)
         loss = divergence(log_p, f.log_softmax(dim=-1)).sum()
@@ -110,7 +113,8 @@ def log_mass_ratio(student_logits: Tensor, teacher_logits: Tensor, divergence: D
 
 
 def batch_stats(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, logr: Tensor,
-                temperature: float = 1.0, top_fraction: float = 0.1) -> tuple[dict[str, float], Tensor, Tensor]:
+                temperature: float | Tensor = 1.0, top_fraction: float = 0.1
+                ) -> tuple[dict[str, float], Tensor, Tensor]:
     """Sums of one batch (keys ``_SUM_KEYS``) and the |LogR| values on over- and under-estimated classes."""
     # float64 only for float64 inputs (some accelerators have no float64)
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
@@ -130,6 +134,8 @@ def batch_stats(student_logits: Tensor, teacher_logits: Tensor, target: Tensor |
         out["correct"] = float((s.argmax(-1) == target).sum())
         out["teacher_correct"] = float((t.argmax(-1) == target).sum())
     # LogR statistics at the LogR temperature
+    if isinstance(temperature, Tensor):
+        temperature = temperature.detach().to(device=s.device, dtype=dtype)
     q, p = (s / temperature).softmax(-1), (t / temperature).softmax(-1)
     logr = logr.detach().to(dtype)
     over, under = q > p, q < p
@@ -166,8 +172,12 @@ class DiagnosticStats:
         self.num_values = {"over": 0, "under": 0}
         self.num_classes: int | None = None
 
-    def update(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, logr: Tensor) -> None:
-        sums, over, under = batch_stats(student_logits, teacher_logits, target, logr, self.temperature,
+    def update(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, logr: Tensor,
+               temperature: float | Tensor | None = None) -> None:
+        """``temperature``: this batch's LogR temperature (a number, 0-dim or [B, 1]); None: the one given at
+        construction."""
+        temperature = self.temperature if temperature is None else temperature
+        sums, over, under = batch_stats(student_logits, teacher_logits, target, logr, temperature,
                                         self.top_fraction)
         self.num_classes = student_logits.shape[-1]
         for key, value in sums.items():
@@ -249,10 +259,13 @@ class DistillationDiagnostics(Callback):
         self.max_values, self.out_dir, self.plot = int(max_values), out_dir, bool(plot)
         self.history: list[dict] = []
         self.stats = DiagnosticStats(1.0, self.top_fraction, self.max_values)
+        self._learned_sum, self._learned_n = 0.0, 0
         self.settings: dict = {}
 
     # -- what the LogR is measured with ----------------------------------------------------------------------------
-    def resolve(self, pl_module: LightningModule) -> tuple[Divergence, float]:
+    def resolve(self, pl_module: LightningModule) -> tuple[Divergence, float | nn.Module]:
+        """The divergence and the LogR temperature: a number, or the head's learned temperature module (CTKD),
+        which :meth:`batch_temperature` evaluates per batch."""
         head = getattr(pl_module, "head", None)
         divergence = self._divergence
         if divergence is None:
@@ -263,8 +276,23 @@ class DistillationDiagnostics(Callback):
         if temperature is None:
             from abkd_vision.heads import KD
 
-            temperature = float(head.temperature) if isinstance(head, KD) else 1.0
+            if not isinstance(head, KD):
+                temperature = 1.0
+            elif getattr(head, "learned_temperature", None) is not None:
+                temperature = head.learned_temperature
+            else:
+                temperature = float(head.temperature)
         return divergence, temperature
+
+    @staticmethod
+    def batch_temperature(pl_module: LightningModule, temperature: float | nn.Module, student_logits: Tensor,
+                          teacher_logits: Tensor) -> float | Tensor:
+        """A number as it is; a learned temperature evaluated on the logits as the head's step sees them (after its
+        standardisation, if any): 0-dim or [B, 1]."""
+        if not isinstance(temperature, nn.Module):
+            return temperature
+        s, t = pl_module.head.prepare(student_logits, teacher_logits)
+        return temperature.value(s, t)
 
     @staticmethod
     def get_logits(pl_module: LightningModule, batch, dataloader_idx: int = 0
@@ -295,9 +323,13 @@ class DistillationDiagnostics(Callback):
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         divergence, temperature = self.resolve(pl_module)
-        self.stats = DiagnosticStats(temperature, self.top_fraction, self.max_values)
-        self.settings = {"divergence": repr(divergence), "temperature": temperature, "eta": self.eta,
-                         "top_fraction": self.top_fraction, "max_batches": self.max_batches}
+        learned = isinstance(temperature, nn.Module)
+        self.stats = DiagnosticStats(1.0 if learned else temperature, self.top_fraction, self.max_values)
+        # a learned temperature: the epoch's mean over the measured images, filled in at the epoch end
+        self._learned_sum, self._learned_n = 0.0, 0
+        self.settings = {"divergence": repr(divergence), "temperature": None if learned else temperature,
+                         "temperature_source": "learned (the head's CTKD temperature)" if learned else "fixed",
+                         "eta": self.eta, "top_fraction": self.top_fraction, "max_batches": self.max_batches}
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
@@ -314,8 +346,12 @@ class DistillationDiagnostics(Callback):
         finally:
             if student is not None:
                 student.train(was_training)
+        temperature = self.batch_temperature(pl_module, temperature, s, t)
+        if isinstance(temperature, Tensor):
+            self._learned_sum += float(temperature.double().expand(s.shape[0], 1).sum())
+            self._learned_n += s.shape[0]
         logr = log_mass_ratio(s, t, divergence, self.eta, temperature)
-        self.stats.update(s, t, target, logr)
+        self.stats.update(s, t, target, logr, temperature)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active(trainer):
@@ -332,8 +368,10 @@ class DistillationDiagnostics(Callback):
             if not math.isnan(value):
                 pl_module.log(f"diag/{key}", value, on_step=False, on_epoch=True, sync_dist=False,
                               add_dataloader_idx=False)
-        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
-                             "images": int(sums["n"]), **metrics})
+        entry = {"epoch": trainer.current_epoch, "step": trainer.global_step, "images": int(sums["n"]), **metrics}
+        if self._learned_n:  # this rank's images (the learned temperature is the same on every rank)
+            entry["temperature"] = self.settings["temperature"] = round(self._learned_sum / self._learned_n, 6)
+        self.history.append(entry)
         self.settings["uniform_share"] = self.stats.uniform_share()
         self.settings["num_classes"] = self.stats.num_classes
         folder = self._folder(trainer)

@@ -143,6 +143,41 @@ def test_divergence_and_temperature_follow_the_head_unless_given():
     assert isinstance(div, AlphaBetaDivergence) and div.beta == 0.2 and temp == 2.0
 
 
+@pytest.mark.parametrize("mode", ["global", "instance"])
+def test_a_learned_temperature_is_the_logr_temperature_of_each_batch(mode):
+    """CTKD: the LogR and its split use the head's learned temperature (per image in the instance mode, on the
+    logits the head sees: standardised here), the epoch's mean is recorded, and the logged value is untouched."""
+    from abkd_vision.heads import CurriculumTemperature
+    from abkd_vision.heads.base import standardize_logits
+
+    torch.manual_seed(0)
+    learned = CurriculumTemperature(mode=mode, num_classes=3, init=-0.5)
+    module = _Cifar(KD(temperature=4.0, standardize=True, learned_temperature=learned))
+    images, target = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    class _Trainer:
+        sanity_checking, current_epoch, global_step, world_size, is_global_zero, logger = False, 0, 0, 1, True, None
+
+    cb = DistillationDiagnostics(plot=False)
+    cb.on_validation_epoch_start(_Trainer(), module)
+    assert cb.settings["temperature_source"].startswith("learned")
+    module.log = lambda *args, **kwargs: None
+    cb.on_validation_batch_end(_Trainer(), module, None, (images, target), 0)
+    cb.on_validation_epoch_end(_Trainer(), module)
+    with torch.no_grad():
+        s, t = module.student(images), module.teacher(images)
+        temp = 1 + 20 * torch.sigmoid(learned.raw if mode == "global" else learned.mlp(
+            torch.cat([standardize_logits(s), standardize_logits(t)], -1)))
+    assert temp.numel() == (1 if mode == "global" else 6) and not torch.allclose(temp, torch.tensor(4.0))
+    expected = _stats(s, t, target, ForwardKL(), temperature=temp)
+    got = cb.history[-1]
+    for key in ("logr_abs_mean_over", "logr_abs_mean_under", "frac_over", "logr_share_hard"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert got["temperature"] == pytest.approx(float(temp.mean()), rel=1e-6)
+    assert cb.settings["temperature"] == got["temperature"]
+    assert math.isnan(float(learned.last_temperature))  # reading it for the diagnostics logs nothing
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"max_batches": 0}, "max_batches must be a positive integer or None, got 0"),
     ({"temperature": -1.0}, "temperature must be > 0, got -1.0"),

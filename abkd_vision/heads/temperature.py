@@ -104,13 +104,20 @@ class CurriculumTemperature(nn.Module):
         value = curriculum_lambda(epoch, self.lambda_min, self.lambda_max, self.curriculum_epochs)
         self.reversal.fill_(value)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    def _raw(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         if self.mlp is None:
-            raw = self.raw
-        else:
-            features = torch.cat([student_logits.detach(), teacher_logits.detach()], dim=-1)
-            raw = self.mlp(features.to(self.mlp[0].weight.dtype))
-        raw = reverse_gradient(raw, self.reversal)
+            return self.raw
+        features = torch.cat([student_logits.detach(), teacher_logits.detach()], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+    @torch.no_grad()
+    def value(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """The temperature ``forward`` would use for these logits (0-dim or [B, 1], float32), without a graph and
+        without touching the logged value: for readers such as the diagnostics."""
+        return (self.t_min + self.t_range * torch.sigmoid(self._raw(student_logits, teacher_logits))).float()
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        raw = reverse_gradient(self._raw(student_logits, teacher_logits), self.reversal)
         temperature = self.t_min + self.t_range * torch.sigmoid(raw)
         self.last_temperature.copy_(temperature.detach().mean())
         return temperature.to(student_logits.dtype)
