@@ -339,6 +339,33 @@ def test_tables_name_rules_refuse_mixed_protocols_and_set_cells_beside_the_paper
         write_outputs(collect_rows(out, all_runs(out)), out)
 
 
+def test_base_to_new_tables_add_a_test_section_for_held_out_val_splits(tmp_path):
+    """eval_split: val runs: the val tables say so, and a second set of tables gives the test-split numbers
+    (written by the run after its fit), never mixing the two."""
+    out = tmp_path / "sweep"
+    held = {"data": "BaseToNewDataModule", "val_is": "CoOp val split (held out)", "epochs": 2}
+    for seed, (vb, vn, tb, tn) in enumerate(((0.90, 0.70, 0.80, 0.60), (0.92, 0.72, 0.84, 0.64))):
+        _put(out, f"abkd__DTD__seed{seed}", {
+            "report_epoch": "last", "reported": {"base_acc": vb, "new_acc": vn}, "last": {"base_acc": vb,
+            "new_acc": vn}, "best_base": {"base_acc": vb, "new_acc": vn}, "test": {"base_acc": tb, "new_acc": tn,
+            "hm": 2 * tb * tn / (tb + tn)}, "protocol": held})
+    assert sweep_main(["--out", str(out), "--report-only"]) == 0
+    tables = (out / "tables.md").read_text()
+    val, test = tables.split("## Base-to-new on the test split (%)")
+    assert "numbers on the held-out val split" in val and "| abkd | 2 | 91.00 ± 1.41 | 71.00 ± 1.41 | 79.77 |" in val
+    assert "### DTD, test split" in test and "the last epoch's prompts" in test
+    hm = 2 * 82 * 62 / (82 + 62)
+    assert f"| abkd | 2 | 82.00 ± 2.83 | 62.00 ± 2.83 | {hm:.2f} |" in test
+    assert f"| abkd | 82.00 | 62.00 | {hm:.2f} | {hm:.2f} |" in test  # the 1-dataset average
+    # runs validated on the test split get no second section
+    (out / "runs").rename(tmp_path / "held_runs")
+    _put(out, "abkd__DTD__seed0", {"report_epoch": "last", "reported": {"base_acc": 0.9, "new_acc": 0.7},
+                                   "last": {"base_acc": 0.9, "new_acc": 0.7}, "protocol": {
+                                       **held, "val_is": "test split (paper protocol)"}})
+    assert sweep_main(["--out", str(out), "--report-only"]) == 0
+    assert "on the test split (%)" not in (out / "tables.md").read_text()
+
+
 def test_published_numbers_are_the_ones_the_docs_quote():
     from test_sweep import DATASETS, TABLE14
 

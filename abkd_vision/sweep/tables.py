@@ -183,28 +183,45 @@ def _values(rows: list[dict], key: str) -> list[float]:
 
 
 def base_to_new_markdown(rows: list[dict]) -> str:
+    """The base-to-new tables: on the split the runs validated on and, for runs whose val split was held out
+    (``eval_split: val``), a second set on the test split (the last epoch, read after the fit)."""
     groups = _group(rows, "base_to_new")
-    groups = {k: [r for r in g if r.get("base") is not None and r.get("new") is not None] for k, g in groups.items()}
+    val = _base_to_new_tables(groups, "base", "new", test_section=False)
+    held = {k: g for k, g in groups.items() if _category(g) == "held"}
+    test = _base_to_new_tables(held, "test_base", "test_new", test_section=True) if held else ""
+    return val + ("\n" + test if test else "")
+
+
+def _base_to_new_tables(groups: dict, base_key: str, new_key: str, test_section: bool) -> str:
+    groups = {k: [r for r in g if r.get(base_key) is not None and r.get(new_key) is not None]
+              for k, g in groups.items()}
     groups = {k: g for k, g in groups.items() if g}
     if not groups:
         return ""
     datasets = list(dict.fromkeys(s for _, s, _ in groups))
     methods = list(dict.fromkeys((m, label) for m, _, label in groups))
-    epochs = sorted({str(r.get("report_epoch")) for g in groups.values() for r in g})
-    summary = {k: dataset_summary(_values(g, "base"), _values(g, "new")) for k, g in groups.items()}
-    splits = sorted({_category(g) for g in groups.values()})
-    on = ", ".join({"test": "the test split", "held": "the held-out val split",
-                    "unrecorded": "an unrecorded split (the test split unless eval_split: val)"}[c] for c in splits)
-    rules = {"best_base": f"best_base = the epoch of best base accuracy on {on}"
-                          + (" (selected on test: the reference protocol)" if "held" not in splits else ""),
-             "last": "last = the last epoch (no selection)"}
-    out = ["## Base-to-new (%)", "",
-           f"Reported epoch: {', '.join(rules.get(e, e) for e in epochs)}; numbers on {on}. Per dataset: base and "
-           "new as mean ± std over seeds, HM of the seed means (the paper's convention); 'HM per seed' is the mean ± "
-           "std of the per-seed HMs.", "",
-           f"### Average over {len(datasets)} datasets", "",
-           "| method | base | new | HM: mean of per-dataset HMs (paper) | HM of mean base and new (CoOp) |",
-           "| --- | ---: | ---: | ---: | ---: |"]
+    summary = {k: dataset_summary(_values(g, base_key), _values(g, new_key)) for k, g in groups.items()}
+    convention = ("Per dataset: base and new as mean ± std over seeds, HM of the seed means (the paper's convention); "
+                  "'HM per seed' is the mean ± std of the per-seed HMs.")
+    if test_section:
+        out = ["## Base-to-new on the test split (%)", "",
+               "Runs whose val split was held out (eval_split: val), tested on the test split after the fit with "
+               f"the last epoch's prompts (no selection: the test split was not read during training). {convention}",
+               ""]
+    else:
+        epochs = sorted({str(r.get("report_epoch")) for g in groups.values() for r in g})
+        splits = sorted({_category(g) for g in groups.values()})
+        on = ", ".join({"test": "the test split", "held": "the held-out val split",
+                        "unrecorded": "an unrecorded split (the test split unless eval_split: val)"}[c]
+                       for c in splits)
+        rules = {"best_base": f"best_base = the epoch of best base accuracy on {on}"
+                              + (" (selected on test: the reference protocol)" if "held" not in splits else ""),
+                 "last": "last = the last epoch (no selection)"}
+        out = ["## Base-to-new (%)", "",
+               f"Reported epoch: {', '.join(rules.get(e, e) for e in epochs)}; numbers on {on}. {convention}", ""]
+    out += [f"### Average over {len(datasets)} datasets" + (", test split" if test_section else ""), "",
+            "| method | base | new | HM: mean of per-dataset HMs (paper) | HM of mean base and new (CoOp) |",
+            "| --- | ---: | ---: | ---: | ---: |"]
     for m, label in methods:
         per = {d: (summary[(m, d, label)]["base"], summary[(m, d, label)]["new"])
                for d in datasets if (m, d, label) in summary}
@@ -217,15 +234,15 @@ def base_to_new_markdown(rows: list[dict]) -> str:
                    f"{a['hm_of_means']:.2f} |")
     out.append("")
     for d in datasets:
-        out += [f"### {d}", "", "| method | seeds | base | new | HM | HM per seed |",
-                "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        out += [f"### {d}" + (", test split" if test_section else ""), "",
+                "| method | seeds | base | new | HM | HM per seed |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for m, label in methods:
             g = groups.get((m, d, label))
             if g:
                 s = summary[(m, d, label)]
-                out.append(f"| {_name(m, label)} | {s['n']} | {format_mean_std(_values(g, 'base'))} | "
-                           f"{format_mean_std(_values(g, 'new'))} | {s['hm']:.2f} | "
-                           f"{format_mean_std([harmonic_mean(r['base'], r['new']) for r in g])} |")
+                out.append(f"| {_name(m, label)} | {s['n']} | {format_mean_std(_values(g, base_key))} | "
+                           f"{format_mean_std(_values(g, new_key))} | {s['hm']:.2f} | "
+                           f"{format_mean_std([harmonic_mean(r[base_key], r[new_key]) for r in g])} |")
         out.append("")
     return "\n".join(out)
 
