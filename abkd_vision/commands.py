@@ -80,10 +80,22 @@ def entry_point(command: Command):
     return module.run if command.lightning else module.main
 
 
+# the name of the command running through main() ("abkd sweep", "run.py study"); None when a module runs on its own
+_RUNNING: str | None = None
+
+
+def command_prog(default: str) -> str:
+    """The ``prog`` of a command's argparse parser: how the user called it (``abkd sweep``, ``run.py sweep``), or
+    ``default`` (``python -m abkd_vision.sweep``) when its module runs on its own."""
+    return _RUNNING or default
+
+
 @contextmanager
 def _program(name: str):
-    """``sys.argv[0]`` reads ``name`` while a command runs (an argparse parser without its own ``prog`` then shows
-    how it was called); the real value is back afterwards."""
+    """``sys.argv[0]`` and :func:`command_prog` read ``name`` while a command runs (its usage lines then show how it
+    was called); the real values are back afterwards."""
+    global _RUNNING
+    saved_running, _RUNNING = _RUNNING, name
     saved = sys.argv[0] if sys.argv else None
     if sys.argv:
         sys.argv[0] = name
@@ -92,6 +104,7 @@ def _program(name: str):
     try:
         yield
     finally:
+        _RUNNING = saved_running
         if saved is None:
             sys.argv.pop(0)
         else:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from abkd_vision.cli import main as cli_main
 from abkd_vision.cli import quiet_lightning
+from abkd_vision.commands import command_prog
 from abkd_vision.data import export_digits
 from abkd_vision.io import atomic_write
 
@@ -118,7 +119,8 @@ def results_markdown(results: dict, elapsed: float, measured_on: str, when: date
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=command_prog("python -m abkd_vision.demo"),
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     parser.add_argument("--config-dir", type=Path, default=REPO / "configs" / "demo")
     parser.add_argument("--epochs", type=int, default=None, help="override max_epochs of every run")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from abkd_vision.commands import command_prog
 from abkd_vision.io import atomic_write
 from abkd_vision.models import create_model, load_checkpoint, resolve_model_name
 
@@ -191,7 +192,8 @@ def _hparam(text: str) -> tuple[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="run.py export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=command_prog("python -m abkd_vision.export"),
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint of DistillationModule or ClassifierModule (CIFAR "
                         "zoo), PromptDistillationModule or PromptTuningModule (CLIP)")
     parser.add_argument("--out", required=True, help="output folder")

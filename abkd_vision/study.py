@@ -47,6 +47,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from abkd_vision.commands import command_prog
 from abkd_vision.io import atomic_write, atomic_write_with
 from abkd_vision.protocol import is_test
 from abkd_vision.sweep.grid import Run, SweepError, alpha_beta_overrides, split_extra
@@ -371,7 +372,7 @@ def plot(summary: dict, path: Path) -> None:
 # --- command --------------------------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m abkd_vision.study", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=command_prog("python -m abkd_vision.study"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                    help="ImageFolder root (train/, test/) or a folder with train.npz/test.npz (default: %(default)s)")

@@ -40,6 +40,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from abkd_vision.commands import command_prog
 from abkd_vision.search.space import SearchError, SearchSpace
 
 DEFAULT_STUDY = "abkd_search"
@@ -56,7 +57,7 @@ class StorageFailed(SearchError):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m abkd_vision.search", allow_abbrev=False,
+    p = argparse.ArgumentParser(prog=command_prog("python -m abkd_vision.search"), allow_abbrev=False,
                                 description="Search ABKD's (alpha, beta) with Optuna (TPE or a grid), pruning on "
                                             "per-epoch val/acc1.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,

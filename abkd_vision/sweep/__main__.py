@@ -28,6 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from abkd_vision.commands import command_prog
 from abkd_vision.sweep.grid import SweepError, check_extra, expand_grid, runs_from_files, split_extra
 from abkd_vision.sweep.runner import EXECUTORS, SweepOptions, build_command, run_sweep
 from abkd_vision.sweep.store import all_runs, run_status
@@ -37,7 +38,7 @@ SLURM_ONLY = ("slurm_partition", "cpus_per_task", "mem_gb", "slurm_param")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m abkd_vision.sweep",
+    p = argparse.ArgumentParser(prog=command_prog("python -m abkd_vision.sweep"),
                                 description="Run a grid of configs x seeds x overrides, resumably; print the tables.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 2)[2])

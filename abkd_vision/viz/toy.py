@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from abkd_vision.commands import command_prog
 from abkd_vision.io import atomic_write
 from abkd_vision.losses import Divergence, build_divergence
 
@@ -238,7 +239,7 @@ def plot_fits(fits: list[Fit], sort: bool = True, title: str = "") -> bytes:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m abkd_vision.viz.toy",
+        prog=command_prog("python -m abkd_vision.viz.toy"),
         description="Fit a student distribution to a fixed teacher under FKL, RKL, the alpha-divergence and "
                     "alpha-beta divergences (the ABKD paper's Fig. 1 d-g), print summary numbers and save the panels.")
     parser.add_argument("--classes", type=int, default=10, help="number of classes C >= 2 (default 10)")
