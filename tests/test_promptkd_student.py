@@ -5,6 +5,9 @@ custom open_clip architectures (registered configs, the QuickGELU hint). Tiny op
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -208,6 +211,17 @@ def test_custom_architectures_register_from_a_dict_or_a_json_path(tmp_path):
         register_clip_config(_tiny_config(False))
     with pytest.raises(ValueError, match="lacks vision_cfg, text_cfg"):
         register_clip_config({"embed_dim": 8}, name="abkd-test-broken")
+
+
+def test_the_folder_of_dict_configs_is_removed_when_the_process_exits():
+    code = ("import open_clip\nfrom abkd_vision.models.clip import builder\n"
+            "cfg = open_clip.get_model_config('abkd-tiny-vit')\n"
+            "builder.register_clip_config(cfg, name='abkd-exit-vit')\n"
+            "assert (builder._DICT_CONFIG_DIR / 'abkd-exit-vit.json').is_file()\nprint(builder._DICT_CONFIG_DIR)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    assert folder.name.startswith("abkd-clip-configs-") and not folder.exists()
 
 
 def test_quickgelu_hint_names_a_real_variant_or_says_to_set_the_flag(tmp_path):

@@ -23,9 +23,11 @@ Custom architectures: register an open_clip model config (a JSON file, a folder 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -71,7 +73,8 @@ def register_clip_config(config: str | os.PathLike | dict, name: str | None = No
         name: the architecture name for a dict (required then); for a file it must be the file's stem if given.
 
     Both go through ``open_clip.add_model_config``; a dict is written to a JSON file of a per-process temporary
-    folder first (open_clip registers files, not dicts), so a later rescan by open_clip keeps it.
+    folder first (open_clip registers files, not dicts), so a later rescan by open_clip keeps it; the folder is
+    removed when the process exits.
     """
     global _DICT_CONFIG_DIR
     if isinstance(config, dict):
@@ -97,6 +100,8 @@ def register_clip_config(config: str | os.PathLike | dict, name: str | None = No
     if isinstance(config, dict):
         if _DICT_CONFIG_DIR is None:
             _DICT_CONFIG_DIR = Path(tempfile.mkdtemp(prefix="abkd-clip-configs-"))
+            # the files live as long as the process that registered them (open_clip may rescan them until then)
+            atexit.register(shutil.rmtree, _DICT_CONFIG_DIR, ignore_errors=True)
         path = _DICT_CONFIG_DIR / f"{name}.json"
         path.write_text(json.dumps(cfg, indent=2))
     if open_clip.get_model_config(name) != cfg or not any(Path(str(p)) == path
