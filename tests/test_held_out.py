@@ -233,6 +233,47 @@ def test_search_ranks_on_held_out_never_reads_test_and_confirms(tmp_path, capsys
     assert paper["held_out"] is False and paper["selected_on"].startswith("selected on test")
 
 
+def test_base_to_new_search_ranks_on_the_val_split_and_never_reads_the_test_images(tmp_path, capsys):
+    """A real base-to-new search (tiny CLIPs, a generated DTD whose test images are all garbage): it runs on CoOp's
+    val split, ranks on the val HM and completes."""
+    from abkd_vision.data.synthetic import write_fake_coop_dataset
+    from abkd_vision.models.clip import PromptedCLIP, prompt_parameters
+
+    quiet_lightning()
+    data = tmp_path / "data"
+    folder = write_fake_coop_dataset(data, "DTD", num_classes=4, train_per_class=2, test_per_class=1)
+    split = json.loads(next(folder.glob("split_*.json")).read_text())
+    for rel, *_ in split["test"]:
+        (next(p for p in folder.rglob(Path(rel).name) if p.is_file())).write_bytes(b"not an image")
+    torch.manual_seed(0)
+    teacher = PromptedCLIP("abkd-tiny-vit-large-quickgelu", None, text_depth=2, vision_depth=2)
+    prompts = tmp_path / "teacher_prompts.pt"
+    torch.save({k: v.detach() for k, v in prompt_parameters(teacher)}, prompts)
+    b2n = REPO / "configs" / "base_to_new"
+    run = ["--config", str(b2n / "base.yaml"), "--config", str(b2n / "abkd" / "DTD.yaml"),
+           "--model.init_args.teacher_arch", "abkd-tiny-vit-large-quickgelu", "--model.init_args.teacher_pretrained",
+           "null", "--model.init_args.teacher_text_depth", "2", "--model.init_args.teacher_vision_depth", "2",
+           "--model.init_args.student_arch", "abkd-tiny-vit-quickgelu", "--model.init_args.student_pretrained",
+           "null", "--model.init_args.student_vision_depth", "2", "--model.init_args.teacher_ckpt", str(prompts),
+           "--data.init_args.root", str(data), "--data.init_args.image_size", "32", "--data.init_args.num_workers",
+           "0", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+           "--trainer.num_sanity_val_steps", "0"]
+    out = tmp_path / "search"
+    code = search_main(["--threads", "1", "--out", str(out), "--grid-alpha", "0.5", "1.0", "--grid-beta", "0.2",
+                        *run])
+    stdout, err = capsys.readouterr()
+    assert code == 0, stdout + err
+    best = json.loads((out / "best.json").read_text())
+    assert best["held_out"] is True and "CoOp val split" in best["selected_on"]
+    hms = []
+    for trial in (out / "trials").iterdir():
+        results = json.loads((trial / "results.json").read_text())
+        assert results["protocol"]["val_is"] == "CoOp val split (held out)"
+        assert results.get("test") is None  # the search never tests
+        hms.append(results["reported"]["hm"])
+    assert len(hms) == 2 and best["value"] in (pytest.approx(max(hms)), pytest.approx(100 * max(hms)))
+
+
 def test_selection_plans_and_bad_confirmation_input(tmp_path, capsys):
     cifar = {"has_val_split": True, "val_split": None, "val_is": "test split (paper protocol)", "monitor": "val/acc1"}
     args, sel = plan_selection(cifar, False, 0.1, 2)
