@@ -51,7 +51,7 @@ from abkd_vision.commands import command_prog
 from abkd_vision.io import atomic_write, atomic_write_with
 from abkd_vision.protocol import is_test
 from abkd_vision.sweep.grid import Run, SweepError, alpha_beta_overrides, split_extra
-from abkd_vision.sweep.runner import SweepOptions, build_command, run_sweep
+from abkd_vision.sweep.runner import SweepOptions, SweepResult, build_command, run_sweep
 from abkd_vision.sweep.stats import paired_difference
 from abkd_vision.sweep.store import log_path, run_dir
 from abkd_vision.sweep.tables import format_mean_std, mean_std
@@ -249,13 +249,21 @@ def paired_vs_kd(rows: Sequence[dict], plan: Sequence[tuple[Run, Arm]]) -> list[
             for arm, v in values.items() if arm != Arm("kd")]
 
 
+def _teacher_sentence(selection: dict) -> str:
+    if selection.get("teacher_held_out_top1") is not None:
+        return (f"The selection runs' teacher trained on the same training images minus the held-out split (its "
+                f"held-out top-1 {_fmt(selection['teacher_held_out_top1'], 2)}), so no network of the selection "
+                "saw the held-out images; the confirmation runs use the study's teacher.")
+    return "The teacher trained on all training images, the held-out ones included."
+
+
 def selection_markdown(selection: dict, paired: Sequence[dict]) -> str:
     lines = ["## Held-out selection of (α, β) and paired differences to KD", "",
              f"Selected on a held-out split of the training images (val_split {selection['val_split']}, split seed "
              f"{selection['split_seed']}, stratified per class; training seed {selection['seed']}): top-1 on the "
              "held-out images at the last epoch. The choice reads only these held-out numbers (run.py also tests each "
-             "selection run on the test split after its fit; those numbers are not read). The teacher trained on all "
-             "training images, the held-out ones included.", "",
+             "selection run on the test split after its fit; those numbers are not read). "
+             + _teacher_sentence(selection), "",
              "| method | α | β | held-out top-1 last (%) | selected |", "|---|---|---|---|---|"]
     for method, entry in selection["methods"].items():
         for c in entry["candidates"]:
@@ -397,8 +405,16 @@ def parser() -> argparse.ArgumentParser:
                    help="with --select-ab: the training seed of the selection runs (default: %(default)s)")
     p.add_argument("--select-split-seed", type=int, default=0,
                    help="with --select-ab: the seed that draws the held-out split (default: %(default)s)")
+    p.add_argument("--select-teacher", choices=("held-out", "all"), default="held-out",
+                   help="with --select-ab: the selection runs' teacher; held-out: a second teacher trained on the "
+                        "training images minus the held-out split, so that no network of the selection has seen "
+                        "those images; all: the study's teacher, trained on every training image, held-out ones "
+                        "included (one teacher less) (default: %(default)s)")
     p.add_argument("--extra", default="", help="more run.py arguments for every run, e.g. '--trainer.precision "
                                                "bf16-mixed'")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="run again the finished runs of an earlier invocation whose command changed (other "
+                        "--epochs, --extra, ...); without it such runs are an error naming them")
     return p
 
 
@@ -411,6 +427,29 @@ def _common(args, data_root: Path, epochs: int | None) -> list[str]:
     if epochs is not None:
         extra += ["--trainer.max_epochs", str(epochs), "--model.init_args.lr_milestones", _milestones(epochs)]
     return extra
+
+
+def _train_teacher(folder: Path, extra: list[str], threads: int, rerun_changed: bool = False
+                   ) -> tuple[SweepResult, Path | None, dict | None]:
+    """The teacher run in ``folder`` (resumable): its sweep result, checkpoint and numbers; (result, None, None)
+    when a signal stopped it."""
+    t_run = teacher_run()
+    t_opts = SweepOptions(out=folder, workers=1, extra=extra, rerun_changed=rerun_changed)
+    with _threads_per_run(threads):
+        t_result = run_sweep([t_run], t_opts)
+    if t_result.interrupted:
+        return t_result, None, None
+    if t_result.exit_code:
+        log = log_path(t_opts.out, t_run.run_id)
+        reason = _last_error_line(log)
+        raise StudyError(f"the teacher run did not finish{': ' + reason if reason else ''}; its log: {log}")
+    ckpt = run_dir(t_opts.out, t_run.run_id) / "checkpoints" / "last.ckpt"
+    row = t_result.rows[0]
+    if not ckpt.is_file():
+        raise StudyError(f"the teacher run finished without a checkpoint ({ckpt}); its log says why: "
+                         f"{row.get('log') or t_opts.out / 'logs'}")
+    return t_result, ckpt, {"best_top1": row.get("best_top1"), "last_top1": row.get("last_top1"),
+                            "seconds": row.get("seconds")}
 
 
 @contextlib.contextmanager
@@ -471,50 +510,53 @@ def _study(args: argparse.Namespace) -> int:
     n_arms = len(dict.fromkeys(a.method if ab_methods and a.method in ab_methods else a for a in arms))
     print(f"study: data {data_root}; teacher {TEACHER[1]}, students {PAIR.split('-')[1]}; "
           f"{n_arms} arms x {len(args.seeds)} seeds; {args.workers} runs at a time", flush=True)
-    t_run = teacher_run()
-    t_opts = SweepOptions(out=out / "teacher", workers=1, extra=_common(args, data_root, args.teacher_epochs))
-    with _threads_per_run(teacher_threads):
-        t_result = run_sweep([t_run], t_opts)
-    if t_result.interrupted:
+    t_result, teacher_ckpt, teacher = _train_teacher(out / "teacher", _common(args, data_root, args.teacher_epochs),
+                                                     teacher_threads, args.rerun_changed)
+    if teacher_ckpt is None:
         return t_result.exit_code
-    if t_result.exit_code:
-        log = log_path(t_opts.out, t_run.run_id)
-        reason = _last_error_line(log)
-        raise StudyError(f"the teacher run did not finish{': ' + reason if reason else ''}; its log: {log}")
-    teacher_dir = run_dir(t_opts.out, t_run.run_id)
-    teacher_ckpt = teacher_dir / "checkpoints" / "last.ckpt"
-    t_row = t_result.rows[0]
-    if not teacher_ckpt.is_file():
-        raise StudyError(f"the teacher run finished without a checkpoint ({teacher_ckpt}); its log says why: "
-                         f"{t_row.get('log') or t_opts.out / 'logs'}")
-    teacher = {"best_top1": t_row.get("best_top1"), "last_top1": t_row.get("last_top1"),
-               "seconds": t_row.get("seconds")}
 
     student_extra = _common(args, data_root, args.epochs)
     if args.per_class is not None:
         student_extra += ["--data.init_args.train_per_class", str(args.per_class)]
 
-    def command(run: Run, opts: SweepOptions) -> list[str]:
-        cmd = build_command(run, opts) + ["--model.init_args.teacher_ckpt", str(teacher_ckpt)]
-        if run.method != "ce" and not args.no_cache:
-            cmd += ["--model.init_args.teacher_cache", str(out / "teacher_cache")]
-        if run.method != "ce" and args.no_cache:
-            cmd += ["--model.init_args.teacher_cache", "null"]
-        return cmd
+    def command_with(ckpt: Path):
+        def command(run: Run, opts: SweepOptions) -> list[str]:
+            cmd = build_command(run, opts) + ["--model.init_args.teacher_ckpt", str(ckpt)]
+            if run.method != "ce" and not args.no_cache:  # the cache is keyed by the teacher checkpoint's hash
+                cmd += ["--model.init_args.teacher_cache", str(out / "teacher_cache")]
+            if run.method != "ce" and args.no_cache:
+                cmd += ["--model.init_args.teacher_cache", "null"]
+            return cmd
+        return command
 
-    selection, sel_result = None, None
+    command = command_with(teacher_ckpt)
+
+    selection, sel_result, sel_teacher = None, None, None
     if grid is not None:
+        held_out = selection_extra(val_split, args.select_split_seed)
+        sel_ckpt = teacher_ckpt
+        if args.select_teacher == "held-out":
+            print(f"selection teacher: {TEACHER[1]} on the training images minus the held-out split ({val_split})",
+                  flush=True)
+            st_result, sel_ckpt, sel_teacher = _train_teacher(
+                out / "select_teacher", _common(args, data_root, args.teacher_epochs) + held_out, teacher_threads,
+                args.rerun_changed)
+            if sel_ckpt is None:
+                return st_result.exit_code
         sel_plan = selection_runs(ab_methods, grid, args.select_seed)
-        sel_opts = SweepOptions(out=out / "select", workers=args.workers,
-                                extra=student_extra + selection_extra(val_split, args.select_split_seed))
+        sel_opts = SweepOptions(out=out / "select", workers=args.workers, extra=student_extra + held_out,
+                                rerun_changed=args.rerun_changed)
         print(f"selection: {len(sel_plan)} run(s) ({', '.join(ab_methods)} x {len(grid)} point(s), seed "
               f"{args.select_seed}) on the training images minus a held-out split ({val_split})", flush=True)
         with _threads_per_run(student_threads):
-            sel_result = run_sweep([run for run, _ in sel_plan], sel_opts, command=command)
+            sel_result = run_sweep([run for run, _ in sel_plan], sel_opts, command=command_with(sel_ckpt))
         if sel_result.interrupted:
             return sel_result.exit_code
         selection = {"grid": [list(p) for p in grid], "val_split": val_split, "split_seed": args.select_split_seed,
                      "seed": args.select_seed, "selected_on": "held-out split of the training set, last epoch",
+                     "teacher": ("trained on the training images minus the held-out split"
+                                 if sel_teacher is not None else "the study's teacher (all training images)"),
+                     "teacher_held_out_top1": None if sel_teacher is None else sel_teacher["last_top1"],
                      "methods": select_points(sel_result.rows, sel_plan)}
         for method, entry in selection["methods"].items():
             best = entry["selected"]
@@ -523,7 +565,8 @@ def _study(args: argparse.Namespace) -> int:
         chosen = {m: Arm(m, (e["selected"]["alpha"], e["selected"]["beta"])) for m, e in selection["methods"].items()}
         arms = list(dict.fromkeys(chosen.get(a.method, a) for a in arms))
 
-    s_opts = SweepOptions(out=out / "students", workers=args.workers, extra=student_extra)
+    s_opts = SweepOptions(out=out / "students", workers=args.workers, extra=student_extra,
+                          rerun_changed=args.rerun_changed)
     plan = study_runs(arms, args.seeds)
     runs = [run for run, _ in plan]
     with _threads_per_run(student_threads):
@@ -532,16 +575,19 @@ def _study(args: argparse.Namespace) -> int:
     summary = summarize(s_result.rows, {run.run_id: arm for run, arm in plan}, teacher)
     minutes = (time.time() - start) / 60
     sel_rows = sel_result.rows if sel_result is not None else []
-    compute = (sum(r.get("seconds") or 0.0 for r in [*sel_rows, *s_result.rows]) + (teacher["seconds"] or 0.0)) / 60
+    teachers = [t for t in (teacher, sel_teacher) if t is not None]
+    compute = (sum(r.get("seconds") or 0.0 for r in [*sel_rows, *s_result.rows])
+               + sum(t["seconds"] or 0.0 for t in teachers)) / 60
     counted = f"{len(sel_rows)} selection and {len(runs)} confirmation" if sel_result is not None else f"{len(runs)}"
+    teacher_time = " + ".join(f"{(t['seconds'] or 0) / 60:.1f}" for t in teachers)
     epochs = args.epochs or 10
     setup = (f"Data: {data_root} (train on {args.per_class or 300} images per class; test on the whole test "
              f"split). Teacher {TEACHER[1]} ({args.teacher_epochs or 10} epochs on all training images); students "
              f"{PAIR.split('-')[1]}, {epochs} epochs, batch 64, SGD lr 0.05, seeds {', '.join(map(str, args.seeds))}"
-             f". {counted} student runs, {args.workers} at a time with {student_threads} thread(s) each. Teacher "
-             f"{(teacher['seconds'] or 0) / 60:.1f} min; all runs {compute:.1f} min of process time summed; this "
-             f"invocation {minutes:.1f} min wall on {cores} CPU core(s). A small-scale study: it compares "
-             "objectives under one budget and does not reproduce the paper's CIFAR-100 numbers.")
+             f". {counted} student runs, {args.workers} at a time with {student_threads} thread(s) each. "
+             f"{'Teachers' if len(teachers) > 1 else 'Teacher'} {teacher_time} min; all runs {compute:.1f} min of "
+             f"process time summed; this invocation {minutes:.1f} min wall on {cores} CPU core(s). A small-scale "
+             "study: it compares objectives under one budget and does not reproduce the paper's CIFAR-100 numbers.")
     summary["setup"] = setup
     report = markdown(summary, setup)
     if selection is not None:

@@ -143,14 +143,23 @@ def test_select_ab_picks_on_held_out_and_confirms_against_kd(tmp_path, monkeypat
     out = tmp_path / "study"
     assert study.main(["--data", str(tmp_path / "data"), "--out", str(out), "--arms", "kd", "abkd:0.5,0.5",
                        "--select-ab", "0.5,0.5", "0.8,0.3", "1.0,0.0", "--select-val-split", "0.1"]) == 0
-    assert [name for name, _, _ in sweeps] == ["teacher", "select", "students"]
-    _, sel_runs, sel_cmds = sweeps[1]
+    assert [name for name, _, _ in sweeps] == ["teacher", "select_teacher", "select", "students"]
+    (teacher_cmd,), (held_teacher_cmd,) = sweeps[0][2], sweeps[1][2]
+    assert "--data.init_args.val_split" not in teacher_cmd  # the study's teacher: every training image
+    assert held_teacher_cmd[held_teacher_cmd.index("--data.init_args.val_split") + 1] == "0.1"
+
+    def teacher_of(cmd):
+        return cmd[cmd.index("--model.init_args.teacher_ckpt") + 1]
+
+    _, sel_runs, sel_cmds = sweeps[2]
     assert len(sel_runs) == 3 and {r.seed for r in sel_runs} == {0}
     for cmd in sel_cmds:
         i = cmd.index("--data.init_args.val_split")
         assert cmd[i + 1] == "0.1" and cmd.count("--data.init_args.val_split") == 1  # never "null" after it
-    _, final_runs, final_cmds = sweeps[2]
+        assert str(out / "select_teacher" / "runs") in teacher_of(cmd)  # a teacher that never saw the held-out images
+    _, final_runs, final_cmds = sweeps[3]
     assert all("--data.init_args.val_split" not in cmd for cmd in final_cmds)  # confirmed on the full training set
+    assert all(str(out / "teacher" / "runs") in teacher_of(cmd) for cmd in final_cmds)
     assert sorted(r.run_id for r in final_runs if r.method == "abkd") == [
         f"abkd__resnet20-resnet8__seed{s}__alpha=0.8__beta=0.3" for s in (0, 1, 2)]
     summary = json.loads((out / "study.json").read_text())
@@ -163,7 +172,17 @@ def test_select_ab_picks_on_held_out_and_confirms_against_kd(tmp_path, monkeypat
     half = 4.302653 * (7 / 12) ** 0.5 / 3 ** 0.5
     assert d["ci95"] == pytest.approx([7 / 6 - half, 7 / 6 + half])
     table = (out / "study.md").read_text()
-    # the cost line counts the selection runs too: 3 selection + 6 confirmation runs + the teacher, 1 s each
+    # the cost line counts the selection runs and teacher too: 3 + 6 student runs and 2 teachers, 1 s each
     assert "3 selection and 6 confirmation student runs" in table and "all runs 0.2 min of process time" in table
+    assert "Teachers 0.0 + 0.0 min" in table and "(its held-out top-1 70.00), so no network of the selection" in table
     assert "## Held-out selection of (α, β)" in table and "| abkd | 0.8 | 0.3 | 45.00 | yes |" in table
     assert f"| abkd (α=0.8, β=0.3) | 3 | +1.17 ± 0.76 | [{7 / 6 - half:+.2f}, {7 / 6 + half:+.2f}] |" in table
+
+    # --select-teacher all: the study's one teacher serves the selection too (and the report says what it saw)
+    sweeps.clear()
+    assert study.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "one"), "--arms", "kd",
+                       "abkd:0.5,0.5", "--select-ab", "0.5,0.5", "1.0,0.0", "--select-teacher", "all"]) == 0
+    assert [name for name, _, _ in sweeps] == ["teacher", "select", "students"]
+    assert all("/one/teacher/runs/" in teacher_of(cmd) for cmd in sweeps[1][2])
+    assert "The teacher trained on all training images, the held-out ones included." in (
+        tmp_path / "one" / "study.md").read_text()

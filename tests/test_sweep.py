@@ -311,6 +311,33 @@ def test_resume_skips_finished_reruns_unfinished_records_failures(tmp_path, fake
     assert len(_rows(out)) == 16 and len(_calls(fake_run)) == len(first) + len(again)
 
 
+def test_finished_runs_of_another_command_are_refused_or_rerun(tmp_path, fake_run, capsys):
+    """A finished run counts only for the command it ran: the same sweep with other --extra names the runs and the
+    changed arguments and runs nothing; --rerun-changed runs them again; a moved folder or another interpreter
+    is the same run."""
+    root, out = _tree(tmp_path), tmp_path / "sweep"
+    argv = ["--root", str(root), "--methods", "kd", "--settings", "A", "--seeds", "1", "2", "--out", str(out),
+            "--run-script", str(fake_run)]
+    assert sweep_main([*argv, "--extra", "--trainer.max_epochs 2"]) == 0
+    assert len(_calls(fake_run)) == 2
+    capsys.readouterr()
+    assert sweep_main([*argv, "--extra", "--trainer.max_epochs 3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "2 finished run(s) in" in err[-4] and "ran another command than this sweep would give them" in err[-4]
+    assert err[-3].strip() == "kd__A__seed1: --trainer.max_epochs 2 -> 3"
+    assert "Give --rerun-changed to run them again" in err[-1] and len(_calls(fake_run)) == 2  # nothing ran
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    assert sweep_main([*argv[:-4], "--out", str(moved), "--run-script", str(fake_run), "--extra",
+                       "--trainer.max_epochs 2"]) == 0
+    assert "2 runs, 2 already finished, 0 to run" in capsys.readouterr().out and len(_calls(fake_run)) == 2
+    assert sweep_main([*argv[:-4], "--out", str(moved), "--run-script", str(fake_run), "--extra",
+                       "--trainer.max_epochs 3", "--rerun-changed"]) == 0
+    assert "2 runs, 0 already finished, 2 to run" in capsys.readouterr().out and len(_calls(fake_run)) == 4
+    record = json.loads((moved / "runs" / "kd__A__seed1" / "sweep_run.json").read_text())
+    assert record["command"][-2:] == ["--trainer.max_epochs", "3"]
+
+
 def test_report_only_reads_run_folders_written_by_hand(tmp_path):
     out = tmp_path / "sweep"
 

@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("other")
     g.add_argument("--report-only", action="store_true", help="only regenerate the outputs from the run folders")
     g.add_argument("--dry-run", action="store_true", help="check the sweep and list its runs; start nothing")
+    g.add_argument("--rerun-changed", action="store_true",
+                   help="run again the finished runs whose command changed (other --extra, configs or options); "
+                        "without it such runs are an error naming them")
     return p
 
 
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_options(args)
         opts = SweepOptions(out=args.out, extra=extra, workers=args.workers, gpus=args.gpus, executor=args.executor,
                             submitit_local=args.submitit_local, submitit=_submitit_params(args),
-                            ray_address=args.ray_address, ray_gpus=args.ray_gpus, ray_cpus=args.ray_cpus)
+                            ray_address=args.ray_address, ray_gpus=args.ray_gpus, ray_cpus=args.ray_cpus,
+                            rerun_changed=args.rerun_changed)
         if args.run_script is not None:
             opts.run_script = args.run_script.resolve()
         if not opts.run_script.is_file():

@@ -77,6 +77,7 @@ class SweepOptions:
     ray_cpus: float = 1.0
     poll_seconds: float | None = None  # submitit: how often job states are polled
     cwd: Path | None = None  # where runs start (default: the folder holding run_script)
+    rerun_changed: bool = False  # finished runs whose command changed run again (else: an error naming them)
 
 
 @dataclass
@@ -125,6 +126,55 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         return
     if os.getppid() == 1:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_arguments(cmd: Sequence[str]) -> list[str]:
+    """What makes a run this run: its command without the interpreter and run script (a new venv or checkout runs
+    the same run) and without the logger's save_dir (a moved sweep folder holds the same runs)."""
+    args = list(cmd[2:])
+    if "--trainer.logger.init_args.save_dir" in args:
+        i = args.index("--trainer.logger.init_args.save_dir")
+        del args[i:i + 2]
+    return args
+
+
+def _pairs(args: Sequence[str]) -> list[tuple[str, str | None]]:
+    out, i = [], 0
+    while i < len(args):
+        if args[i].startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append((args[i], args[i + 1]))
+            i += 2
+        else:
+            out.append((args[i], None))
+            i += 1
+    return out
+
+
+def command_change(recorded: Sequence[str], new: Sequence[str]) -> str:
+    """How ``new`` differs from ``recorded`` (run arguments only): ``--key old -> new``, ``without ...``,
+    ``with ...``."""
+    old_pairs, new_pairs = _pairs(run_arguments(recorded)), _pairs(run_arguments(new))
+    removed, added = list(old_pairs), []
+    for pair in new_pairs:
+        if pair in removed:
+            removed.remove(pair)
+        else:
+            added.append(pair)
+
+    def show(pair: tuple[str, str | None]) -> str:
+        return pair[0] if pair[1] is None else f"{pair[0]} {shlex.quote(pair[1])}"
+
+    parts = []
+    for flag, value in list(added):
+        before = next((r for r in removed if r[0] == flag), None)
+        if before is not None:
+            removed.remove(before)
+            added.remove((flag, value))
+            parts.append(f"{flag} {shlex.quote(str(before[1]))} -> {shlex.quote(str(value))}")
+    parts += [f"without {show(r)}" for r in removed] + [f"with {show(a)}" for a in added]
+    if not parts:
+        return "the same arguments in another order"
+    return "; ".join(parts[:6]) + (f"; and {len(parts) - 6} more" if len(parts) > 6 else "")
 
 
 def execute_run(cmd: Sequence[str], log: str, cwd: str, env: dict | None = None) -> dict:
@@ -412,12 +462,21 @@ def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], Non
     with _lock(opts.out):
         write_manifest(opts.out, runs)
         cwd = str(Path(opts.cwd).resolve() if opts.cwd is not None else Path(opts.run_script).resolve().parent)
-        todo, attached, skipped, continuing = [], [], 0, 0
+        todo, attached, skipped, continuing, changed = [], [], 0, 0, []
         for run in runs:
+            cmd = tuple(command(run, opts))
             if finished_result(opts.out, run.run_id) is not None:
-                skipped += 1
-                continue
-            job = _Job(run, tuple(command(run, opts)), str(log_path(opts.out, run.run_id)), cwd)
+                recorded = (read_record(opts.out, run.run_id) or {}).get("command")
+                # a finished run counts for this sweep only if it ran this command (records without one predate
+                # the check and are taken as they are)
+                if not recorded or run_arguments(recorded) == run_arguments(cmd):
+                    skipped += 1
+                    continue
+                if not opts.rerun_changed:
+                    changed.append(f"{run.run_id}: {command_change(recorded, cmd)}")
+                    continue
+                shutil.rmtree(opts.out / "runs" / run.run_id, ignore_errors=True)  # a new run: start clean
+            job = _Job(run, cmd, str(log_path(opts.out, run.run_id)), cwd)
             handle = backend.reattach(read_record(opts.out, run.run_id))
             if handle is not None:
                 attached.append((job, handle))
@@ -427,6 +486,12 @@ def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], Non
             else:
                 shutil.rmtree(opts.out / "runs" / run.run_id, ignore_errors=True)  # start clean, stay version_0
             todo.append(job)
+        if changed:
+            shown = "\n  ".join(changed[:10]) + (f"\n  ... and {len(changed) - 10} more" if len(changed) > 10 else "")
+            raise SweepError(
+                f"{len(changed)} finished run(s) in {opts.out} ran another command than this sweep would give them, "
+                f"so their results are not this sweep's:\n  {shown}\nGive --rerun-changed to run them again (their "
+                "folders are replaced), or another --out to keep both")
         more = f", {len(attached)} still running from an earlier sweep" if attached else ""
         more += f", {continuing} of them continue from their last.ckpt" if continuing else ""
         echo(f"sweep {opts.out}: {len(runs)} runs, {skipped} already finished, {len(todo)} to run{more} "
