@@ -250,10 +250,12 @@ def paired_vs_kd(rows: Sequence[dict], plan: Sequence[tuple[Run, Arm]]) -> list[
 
 
 def _teacher_sentence(selection: dict) -> str:
-    if selection.get("teacher_held_out_top1") is not None:
-        return (f"The selection runs' teacher trained on the same training images minus the held-out split (its "
-                f"held-out top-1 {_fmt(selection['teacher_held_out_top1'], 2)}), so no network of the selection "
-                "saw the held-out images; the confirmation runs use the study's teacher.")
+    if selection.get("teacher", "").startswith("trained on"):  # the selection's own teacher (--select-teacher)
+        top1 = selection.get("teacher_held_out_top1")
+        measured = f" (its held-out top-1 {_fmt(top1, 2)})" if top1 is not None else ""
+        return (f"The selection runs' teacher trained on the same training images minus the held-out split"
+                f"{measured}, so no network of the selection saw the held-out images; the confirmation runs use the "
+                "study's teacher.")
     return "The teacher trained on all training images, the held-out ones included."
 
 

@@ -321,11 +321,13 @@ def test_finished_runs_of_another_command_are_refused_or_rerun(tmp_path, fake_ru
     assert sweep_main([*argv, "--extra", "--trainer.max_epochs 2"]) == 0
     assert len(_calls(fake_run)) == 2
     capsys.readouterr()
+    stamp = (out / "manifest.json").stat().st_mtime_ns
     assert sweep_main([*argv, "--extra", "--trainer.max_epochs 3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "2 finished run(s) in" in err[-4] and "ran another command than this sweep would give them" in err[-4]
     assert err[-3].strip() == "kd__A__seed1: --trainer.max_epochs 2 -> 3"
     assert "Give --rerun-changed to run them again" in err[-1] and len(_calls(fake_run)) == 2  # nothing ran
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp  # refused before anything was written
     moved = tmp_path / "moved"
     out.rename(moved)
     assert sweep_main([*argv[:-4], "--out", str(moved), "--run-script", str(fake_run), "--extra",

@@ -460,22 +460,32 @@ def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], Non
     backend = make_backend(opts)  # every check before anything is created, removed or started
     opts.out.mkdir(parents=True, exist_ok=True)
     with _lock(opts.out):
-        write_manifest(opts.out, runs)
-        cwd = str(Path(opts.cwd).resolve() if opts.cwd is not None else Path(opts.run_script).resolve().parent)
-        todo, attached, skipped, continuing, changed = [], [], 0, 0, []
+        commands = {run.run_id: tuple(command(run, opts)) for run in runs}
+        # a finished run counts for this sweep only if it ran this command (records without one predate the
+        # check and are taken as they are); otherwise refuse before anything is written or removed
+        changed, rerun = [], set()
         for run in runs:
-            cmd = tuple(command(run, opts))
             if finished_result(opts.out, run.run_id) is not None:
                 recorded = (read_record(opts.out, run.run_id) or {}).get("command")
-                # a finished run counts for this sweep only if it ran this command (records without one predate
-                # the check and are taken as they are)
-                if not recorded or run_arguments(recorded) == run_arguments(cmd):
-                    skipped += 1
-                    continue
-                if not opts.rerun_changed:
-                    changed.append(f"{run.run_id}: {command_change(recorded, cmd)}")
-                    continue
+                if recorded and run_arguments(recorded) != run_arguments(commands[run.run_id]):
+                    changed.append(f"{run.run_id}: {command_change(recorded, commands[run.run_id])}")
+                    rerun.add(run.run_id)
+        if changed and not opts.rerun_changed:
+            shown = "\n  ".join(changed[:10]) + (f"\n  ... and {len(changed) - 10} more" if len(changed) > 10 else "")
+            raise SweepError(
+                f"{len(changed)} finished run(s) in {opts.out} ran another command than this sweep would give them, "
+                f"so their results are not this sweep's:\n  {shown}\nGive --rerun-changed to run them again (their "
+                "folders are replaced), or another --out to keep both")
+        write_manifest(opts.out, runs)
+        cwd = str(Path(opts.cwd).resolve() if opts.cwd is not None else Path(opts.run_script).resolve().parent)
+        todo, attached, skipped, continuing = [], [], 0, 0
+        for run in runs:
+            cmd = commands[run.run_id]
+            if run.run_id in rerun:
                 shutil.rmtree(opts.out / "runs" / run.run_id, ignore_errors=True)  # a new run: start clean
+            elif finished_result(opts.out, run.run_id) is not None:
+                skipped += 1
+                continue
             job = _Job(run, cmd, str(log_path(opts.out, run.run_id)), cwd)
             handle = backend.reattach(read_record(opts.out, run.run_id))
             if handle is not None:
@@ -486,12 +496,6 @@ def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], Non
             else:
                 shutil.rmtree(opts.out / "runs" / run.run_id, ignore_errors=True)  # start clean, stay version_0
             todo.append(job)
-        if changed:
-            shown = "\n  ".join(changed[:10]) + (f"\n  ... and {len(changed) - 10} more" if len(changed) > 10 else "")
-            raise SweepError(
-                f"{len(changed)} finished run(s) in {opts.out} ran another command than this sweep would give them, "
-                f"so their results are not this sweep's:\n  {shown}\nGive --rerun-changed to run them again (their "
-                "folders are replaced), or another --out to keep both")
         more = f", {len(attached)} still running from an earlier sweep" if attached else ""
         more += f", {continuing} of them continue from their last.ckpt" if continuing else ""
         echo(f"sweep {opts.out}: {len(runs)} runs, {skipped} already finished, {len(todo)} to run{more} "
