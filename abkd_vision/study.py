@@ -20,12 +20,14 @@ again and only unfinished runs start), the exact teacher-logit cache shared by t
     study.md, study.json    the table: top-1 (best and last epoch) as mean ± std over seeds, and the last epoch's
                             diagnostics (student entropy, target probability, agreement, |LogR|) averaged over seeds
     study.png               best top-1 per arm, and the student's entropy per epoch against the teacher's
-    select/                 with --select-ab: the selection runs' sweep folder (one seed, held-out split)
+    select_teacher/         with --select-ab: the selection's teacher (the training images minus the held-out split)
+    select/                 with --select-ab: the selection runs' sweep folder (held-out split)
 
 With ``--select-ab GRID`` the AB arms' points are chosen on held-out images, never on the test images: for each AB
-method among ``--arms`` one run per grid point (seed ``--select-seed``) trains on the training images minus a
-stratified held-out split (``--data.init_args.val_split <--select-val-split>``), and the point with the best
-held-out top-1 at the last epoch (ties: the earlier grid point) becomes that method's arm. Then the chosen arms and
+method among ``--arms`` one run per grid point and selection seed (``--select-seed``, one or several) trains on the
+training images minus a stratified held-out split (``--data.init_args.val_split <--select-val-split>``), and the
+point with the best held-out top-1 at the last epoch, averaged over the selection seeds (ties: the earlier grid
+point), becomes that method's arm. Then the chosen arms and
 the others run with every seed on the full training set, as without the option, and ``study.md``/``study.json``
 add the test top-1 (last epoch) of every arm minus KD's, paired over the seeds, with its 95 % t interval
 (:func:`abkd_vision.sweep.stats.paired_difference`), and which point was selected with its held-out accuracy.
@@ -193,9 +195,10 @@ def parse_val_split(text: str) -> float | int:
     return value
 
 
-def selection_runs(methods: Sequence[str], grid: Sequence[tuple[float, float]], seed: int) -> list[tuple[Run, Arm]]:
-    """One run per AB method and grid point, at the one selection seed."""
-    return study_runs([Arm(m, point) for m in methods for point in grid], [seed])
+def selection_runs(methods: Sequence[str], grid: Sequence[tuple[float, float]], seeds: Sequence[int]
+                   ) -> list[tuple[Run, Arm]]:
+    """One run per AB method, grid point and selection seed."""
+    return study_runs([Arm(m, point) for m in methods for point in grid], seeds)
 
 
 def selection_extra(val_split: float | int, split_seed: int) -> list[str]:
@@ -204,10 +207,12 @@ def selection_extra(val_split: float | int, split_seed: int) -> list[str]:
 
 
 def select_points(rows: Sequence[dict], plan: Sequence[tuple[Run, Arm]]) -> dict[str, dict]:
-    """Per AB method: every grid point's held-out top-1 (last epoch) and the best one (ties: the earlier point).
-    Only held-out numbers are read: a row whose val numbers are on the test split is an error."""
+    """Per AB method: every grid point's held-out top-1 (last epoch; the mean over the selection seeds that
+    finished, each seed's value in ``per_seed``) and the best point (ties: the earlier one). Only held-out numbers
+    are read: a row whose val numbers are on the test split is an error."""
     by_id = {r["run_id"]: r for r in rows}
     out: dict[str, dict] = {}
+    points: dict[tuple[str, tuple[float, float]], dict] = {}
     for run, arm in plan:
         row = by_id.get(run.run_id) or {}
         value = row.get("last_top1") if row.get("status") == "finished" else None
@@ -215,8 +220,19 @@ def select_points(rows: Sequence[dict], plan: Sequence[tuple[Run, Arm]]) -> dict
             raise StudyError(f"selection run {run.run_id} validated on the test split (val_is {row.get('val_is')!r}),"
                              " not on a held-out split: the selection would read test images")
         entry = out.setdefault(arm.method, {"candidates": [], "selected": None})
-        entry["candidates"].append({"alpha": arm.alpha_beta[0], "beta": arm.alpha_beta[1], "run_id": run.run_id,
-                                    "held_out_top1_last": value, "log": row.get("log")})
+        candidate = points.get((arm.method, arm.alpha_beta))
+        if candidate is None:
+            candidate = {"alpha": arm.alpha_beta[0], "beta": arm.alpha_beta[1], "run_id": run.run_id,
+                         "held_out_top1_last": None, "per_seed": {}, "log": row.get("log")}
+            points[(arm.method, arm.alpha_beta)] = candidate
+            entry["candidates"].append(candidate)
+        if value is not None and math.isfinite(value):
+            candidate["per_seed"][str(run.seed)] = value
+        elif candidate["log"] is None or row.get("log"):
+            candidate["log"] = row.get("log") or candidate["log"]  # a failed seed's log
+    for candidate in points.values():
+        values = list(candidate["per_seed"].values())
+        candidate["held_out_top1_last"] = statistics.fmean(values) if values else None
     for method, entry in out.items():
         done = [c for c in entry["candidates"] if c["held_out_top1_last"] is not None
                 and math.isfinite(c["held_out_top1_last"])]
@@ -260,18 +276,22 @@ def _teacher_sentence(selection: dict) -> str:
 
 
 def selection_markdown(selection: dict, paired: Sequence[dict]) -> str:
+    seeds = selection.get("seeds") or [selection.get("seed")]
+    several = len(seeds) > 1
     lines = ["## Held-out selection of (α, β) and paired differences to KD", "",
              f"Selected on a held-out split of the training images (val_split {selection['val_split']}, split seed "
-             f"{selection['split_seed']}, stratified per class; training seed {selection['seed']}): top-1 on the "
-             "held-out images at the last epoch. The choice reads only these held-out numbers (run.py also tests each "
-             "selection run on the test split after its fit; those numbers are not read). "
-             + _teacher_sentence(selection), "",
-             "| method | α | β | held-out top-1 last (%) | selected |", "|---|---|---|---|---|"]
+             f"{selection['split_seed']}, stratified per class; training seed(s) {', '.join(map(str, seeds))}): top-1 "
+             f"on the held-out images at the last epoch{', the mean over the seeds' if several else ''}. The choice "
+             "reads only these held-out numbers (run.py also tests each selection run on the test split after its fit; "
+             "those numbers are not read). " + _teacher_sentence(selection), "",
+             "| method | α | β | held-out top-1 last (%) | " + ("per seed | " if several else "") + "selected |",
+             "|---|---|---|---|" + ("---|" if several else "") + "---|"]
     for method, entry in selection["methods"].items():
         for c in entry["candidates"]:
-            chosen = "yes" if c == entry["selected"] else ""
+            chosen = "yes" if c is entry["selected"] else ""
+            per_seed = " / ".join(_fmt(v, 2) for v in (c.get("per_seed") or {}).values())
             lines.append(f"| {method} | {c['alpha']:g} | {c['beta']:g} | {_fmt(c['held_out_top1_last'], 2)} | "
-                         f"{chosen} |")
+                         + (f"{per_seed} | " if several else "") + f"{chosen} |")
     lines += ["", "Test top-1 at the last epoch (no selection; full training set) minus KD's, paired over seeds, "
               "with the 95 % t interval of the mean difference.", "",
               "| arm | seeds | difference to KD (points) | 95 % CI |", "|---|---|---|---|"]
@@ -403,8 +423,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--select-val-split", default="0.1", metavar="SIZE",
                    help="with --select-ab: the held-out part of the training images, a fraction or a number of "
                         "images (default: %(default)s)")
-    p.add_argument("--select-seed", type=int, default=0,
-                   help="with --select-ab: the training seed of the selection runs (default: %(default)s)")
+    p.add_argument("--select-seed", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="with --select-ab: the training seeds of the selection runs; with several, each point's "
+                        "held-out top-1 is their mean (default: 0)")
     p.add_argument("--select-split-seed", type=int, default=0,
                    help="with --select-ab: the seed that draws the held-out split (default: %(default)s)")
     p.add_argument("--select-teacher", choices=("held-out", "all"), default="held-out",
@@ -545,17 +566,18 @@ def _study(args: argparse.Namespace) -> int:
                 args.rerun_changed)
             if sel_ckpt is None:
                 return st_result.exit_code
-        sel_plan = selection_runs(ab_methods, grid, args.select_seed)
+        sel_plan = selection_runs(ab_methods, grid, args.select_seed)  # a list: --select-seed takes several
         sel_opts = SweepOptions(out=out / "select", workers=args.workers, extra=student_extra + held_out,
                                 rerun_changed=args.rerun_changed)
         print(f"selection: {len(sel_plan)} run(s) ({', '.join(ab_methods)} x {len(grid)} point(s), seed "
-              f"{args.select_seed}) on the training images minus a held-out split ({val_split})", flush=True)
+              f"{' '.join(map(str, args.select_seed))}) on the training images minus a held-out split ({val_split})",
+              flush=True)
         with _threads_per_run(student_threads):
             sel_result = run_sweep([run for run, _ in sel_plan], sel_opts, command=command_with(sel_ckpt))
         if sel_result.interrupted:
             return sel_result.exit_code
         selection = {"grid": [list(p) for p in grid], "val_split": val_split, "split_seed": args.select_split_seed,
-                     "seed": args.select_seed, "selected_on": "held-out split of the training set, last epoch",
+                     "seeds": list(args.select_seed), "selected_on": "held-out split of the training set, last epoch",
                      "teacher": ("trained on the training images minus the held-out split"
                                  if sel_teacher is not None else "the study's teacher (all training images)"),
                      "teacher_held_out_top1": None if sel_teacher is None else sel_teacher["last_top1"],

@@ -101,6 +101,29 @@ def test_a_teacher_without_checkpoint_stops_the_study_naming_its_log(tmp_path, c
     assert not (tmp_path / "study" / "students").exists()
 
 
+def test_several_selection_seeds_choose_on_the_mean_of_the_held_out_numbers():
+    """Seed 0 alone would pick (0.5, 0.5); the mean over seeds 0 and 1 picks (1, 0). A seed that failed is left
+    out of its point's mean; its log is kept."""
+    from abkd_vision.data.splits import HELD_OUT
+
+    plan = study.selection_runs(["abkd"], [(0.5, 0.5), (1.0, 0.0)], [0, 1])
+    assert sorted((r.seed, a.alpha_beta) for r, a in plan) == [(0, (0.5, 0.5)), (0, (1.0, 0.0)), (1, (0.5, 0.5)),
+                                                               (1, (1.0, 0.0))]
+    held = {((0.5, 0.5), 0): 52.0, ((0.5, 0.5), 1): 46.0, ((1.0, 0.0), 0): 51.0, ((1.0, 0.0), 1): None}
+    rows = [{"run_id": r.run_id, "status": "finished" if held[(a.alpha_beta, r.seed)] is not None else "failed",
+             "last_top1": held[(a.alpha_beta, r.seed)], "val_is": HELD_OUT, "log": f"{r.run_id}.log"}
+            for r, a in plan]
+    (entry,) = study.select_points(rows, plan).values()
+    first, second = entry["candidates"]
+    assert first["per_seed"] == {"0": 52.0, "1": 46.0} and first["held_out_top1_last"] == pytest.approx(49.0)
+    assert second["per_seed"] == {"0": 51.0} and second["held_out_top1_last"] == 51.0
+    assert entry["selected"] is second and second["log"].endswith("seed1__alpha=1.0__beta=0.0.log")
+    text = study.selection_markdown({"val_split": 0.1, "split_seed": 0, "seeds": [0, 1], "methods": {"abkd": entry}},
+                                    [])
+    assert "training seed(s) 0, 1" in text and "the mean over the seeds" in text
+    assert "| abkd | 0.5 | 0.5 | 49.00 | 52.00 / 46.00 |  |" in text and "| abkd | 1 | 0 | 51.00 | 51.00 | yes |" in text
+
+
 def test_select_ab_picks_on_held_out_and_confirms_against_kd(tmp_path, monkeypatch):
     """--select-ab with a fake run launcher: the held-out best point is chosen (test numbers of the selection runs
     would pick another), the selection runs hold a split out, the final runs do not, and the paired statistics
