@@ -228,8 +228,8 @@ def select_points(rows: Sequence[dict], plan: Sequence[tuple[Run, Arm]]) -> dict
             entry["candidates"].append(candidate)
         if value is not None and math.isfinite(value):
             candidate["per_seed"][str(run.seed)] = value
-        elif candidate["log"] is None or row.get("log"):
-            candidate["log"] = row.get("log") or candidate["log"]  # a failed seed's log
+        elif row.get("log"):
+            candidate["log"] = row["log"]  # a failed seed's log
     for candidate in points.values():
         values = list(candidate["per_seed"].values())
         candidate["held_out_top1_last"] = statistics.fmean(values) if values else None

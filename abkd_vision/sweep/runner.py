@@ -463,9 +463,10 @@ def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], Non
         commands = {run.run_id: tuple(command(run, opts)) for run in runs}
         # a finished run counts for this sweep only if it ran this command (records without one predate the
         # check and are taken as they are); otherwise refuse before anything is written or removed
+        finished = {run.run_id for run in runs if finished_result(opts.out, run.run_id) is not None}
         changed, rerun = [], set()
         for run in runs:
-            if finished_result(opts.out, run.run_id) is not None:
+            if run.run_id in finished:
                 recorded = (read_record(opts.out, run.run_id) or {}).get("command")
                 if recorded and run_arguments(recorded) != run_arguments(commands[run.run_id]):
                     changed.append(f"{run.run_id}: {command_change(recorded, commands[run.run_id])}")
@@ -483,7 +484,7 @@ def run_sweep(runs: Sequence[Run], opts: SweepOptions, echo: Callable[[str], Non
             cmd = commands[run.run_id]
             if run.run_id in rerun:
                 shutil.rmtree(opts.out / "runs" / run.run_id, ignore_errors=True)  # a new run: start clean
-            elif finished_result(opts.out, run.run_id) is not None:
+            elif run.run_id in finished:
                 skipped += 1
                 continue
             job = _Job(run, cmd, str(log_path(opts.out, run.run_id)), cwd)
